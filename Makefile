@@ -1,0 +1,80 @@
+# ssah: reproduce "Superficial Safety Alignment Hypothesis" on the model organism or a real model.
+# `make reproduce` and `make test` are all a newcomer needs; `make` lists every target.
+
+SHELL        := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+STAMP        := $(VENV)/.ssah-installed
+PRESET       ?= organism
+MODEL        ?=
+SEED         ?= 0
+NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PKG_SRC      := $(wildcard ssah_utils/*.py)
+RUN_DIR      := runs/$(PRESET)$(if $(MODEL),-$(subst /,_,$(MODEL)))
+SHARED_DATA  := $(abspath ../shared/data)
+# The test suite reads the real public datasets from ../shared/data when it is there, never the net.
+TEST_ENV     := SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA))
+PAPERMILL    := $(PY) -m papermill --log-output --progress-bar -k python3
+NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
+
+.PHONY: help env reproduce test test-unit test-notebooks organism figures bench lab clean clean-env
+
+help: ## List the targets (this text)
+	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
+	@echo
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables: PRESET=<$(shell $(PYTHON) -c "import ast,re;print('|'.join(re.findall(r'name=\"([^\"]+)\"',open('ssah_utils/config.py').read())))" 2>/dev/null)> MODEL=<hf id> SEED=<int>"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "ssah needs Python 3.10+; found " + sys.version.split()[0])'
+	@echo "[env] creating $(VENV) and installing the pinned stack (torch 2.13.0 CPU; about 1-3 min)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+env: $(STAMP) ## Create/refresh the local virtual environment from pyproject.toml
+
+reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organism by default) and regenerate figures/tables
+	@$(PY) -c "from ssah_utils.config import get_preset; get_preset('$(PRESET)', '$(MODEL)' or None)"
+	@mkdir -p $(RUN_DIR)
+	@set -e; for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb); \
+	  echo "[reproduce] $$name (preset=$(PRESET)$(if $(MODEL), model=$(MODEL)))"; \
+	  $(PAPERMILL) $$nb $(RUN_DIR)/$$name -p preset $(PRESET) -p model "$(MODEL)" -p seed $(SEED) 2>&1 | grep -v -E "^(Executing|Ending Cell)" || exit 1; \
+	  if [ "$(PRESET)" = "organism" ] && [ -z "$(MODEL)" ] && [ "$(SEED)" = "0" ]; then cp $(RUN_DIR)/$$name $$nb; fi; \
+	done
+	@echo "[reproduce] done: executed notebooks in $(RUN_DIR)/, figures in figures/, tables in tables/"
+
+test: $(STAMP) ## Run the unit tests (pytest) and the notebook regression checks (nbval)
+	$(TEST_ENV) $(PY) -m pytest tests $(if $(NOTEBOOKS),$(NOTEBOOKS) $(NBVAL))
+
+test-unit: $(STAMP) ## Run only the unit tests
+	$(TEST_ENV) $(PY) -m pytest tests
+
+test-notebooks: $(STAMP) ## Run only the nbval notebook checks
+	$(TEST_ENV) $(PY) -m pytest $(NOTEBOOKS) $(NBVAL)
+
+organism: $(STAMP) ## Rebuild the model organism (world + base/unaligned/aligned) from scratch, seed SEED (~10 min)
+	$(PY) scripts/build_organism.py --seed $(SEED) --out data/organism
+
+figures: $(STAMP) ## Regenerate figures/ and tables/ from cached results (05_figures)
+	@set -e; for nb in $(filter notebooks/05_%,$(NOTEBOOKS)); do \
+	  $(PAPERMILL) $$nb $(RUN_DIR)/$$(basename $$nb) -p preset $(PRESET) -p model "$(MODEL)"; done
+
+bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
+	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b; done
+
+lab: $(STAMP) ## Open JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean: ## Remove caches and executed copies (never the shipped data/organism, data/world, figures)
+	rm -rf runs data/cache .pytest_cache
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+clean-env: ## Remove the virtual environment
+	rm -rf $(VENV)
