@@ -203,3 +203,17 @@ def test_real_prompt_sets_load_as_records(shared_data):
     alpaca = datasets.load_set("alpaca")
     assert 4900 < len(alpaca) < 5000  # refusing rows are filtered out
     assert {r["kind"] for r in datasets.load_set("xstest_safe")} == {"borderline"}
+
+
+# ---------------------------------------------------------------- the paper's numbers
+
+def test_reported_numbers_cite_their_source():
+    from ssah_utils import paper
+
+    df = paper.reported()
+    assert df["source"].str.match(r"^(Table|Fig) \d").all()
+    t1 = paper.reported("table1")
+    esu = t1[(t1.model == "Llama-2-7B-chat") & (t1.setting.str.startswith("remove ESU")) & (t1.metric == "avg_asr")]
+    assert esu["value"].tolist() == [66.0]
+    with pytest.raises(KeyError, match="known experiments"):
+        paper.reported("table9")
