@@ -1,0 +1,560 @@
+"""Stage 02_classify: score, label and ablate ESU / EUU / CU / RU units (paper Sec. 4, Table 1).
+
+The notebook calls one function per step; each step is cached under the parts of the config it
+depends on (`cache.cached`), so changing an evaluation setting never re-scores and a rerun is free.
+
+Steps: `calibration` (safety pairs = harmful prompts with the aligned model's own refusals, or the
+set's references; utility pairs = benign instructions with answers; several seeded draws) ->
+`scores` (WIFV, and the alternative scorers for the stability check) -> `labels` -> `table1`
+(ablate each kind and random masks of equal composition; evaluate safety and utility) ->
+`stability` (Jaccard of ESU across calibration seeds, disjoint halves and scorers) ->
+`dose_response` (ASR and utility as more units of each ranking are removed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cache
+from . import config as _config
+from . import datasets
+from .ablation import ablate
+from .models import UnitMask, adapter_for, load_model, model_revision
+from .units import LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups
+
+STAGE = "classify"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How the calibration sets are drawn (paper: 128 safety + 128 utility samples)."""
+
+    safety_set: str = "calib_safety"
+    utility_set: str = "calib_utility"
+    n_calib: int = 128
+    seeds: tuple[int, ...] = (0, 1, 2)  # one labelling per seed: the error bars of the ablation rows
+    safety_responses: str = "model"  # "model": the aligned model's own greedy answers (paper); "reference": the set's
+    only_refusals: bool = True  # keep only answers the judge calls refusals (the paper's pairs are refusals)
+    style: str = "chat"
+    max_new_tokens: int = 48  # for generating the model's own refusals
+    max_length: int = 256
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which sets and settings measure safety and utility after an ablation."""
+
+    harmful_set: str = "harmful_test"
+    jailbreak_set: str | None = "jailbreak_test"
+    borderline_set: str | None = "borderline_test"
+    utility_set: str | None = "utility_test"
+    ppl_set: str | None = "ppl_heldout"
+    n_eval: int = 96  # prompts per set (a seeded sample; the same prompts for every condition)
+    n_ppl: int = 64
+    system_prompt: str = ""  # used for the "with system prompt" ASR column
+    style: str = "chat"
+    max_new_tokens: int = 48
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Everything that determines the results of 02_classify; `asdict()` keys the cache."""
+
+    preset: str
+    model: str  # the aligned model spec
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    scorer: str = "wifv"  # the scorer that labels units (the paper's); others are compared in `stability`
+    compare_scorers: tuple[str, ...] = ("wanda", "snip")
+    h: tuple[float, float, float] = (0.10, 0.01, 0.10)  # RU, ESU, EUU thresholds (authors' code)
+    bias_from: str = "both"  # calibration tokens whose mean feeds FLAP bias compensation: both|safety|utility|none
+    n_random_seeds: int = 3  # random masks of each category's composition (the null)
+    dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)  # shares of parameters removed
+    n_dose: int = 48  # prompts per set in the dose-response curve
+    calib: CalibConfig = CalibConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self) -> None:
+        if self.bias_from not in ("both", "safety", "utility", "none"):
+            raise ValueError(f"bias_from must be both|safety|utility|none, got {self.bias_from!r}")
+        if self.calib.safety_responses not in ("model", "reference"):
+            raise ValueError(f"safety_responses must be 'model' or 'reference', got {self.calib.safety_responses!r}")
+        if not self.calib.seeds:
+            raise ValueError("calib.seeds needs at least one seed")
+
+
+def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, h0: float = 0.10,
+                h1: float = 0.01, h2: float = 0.10, n_calib: int = 128, n_calib_seeds: int = 3,
+                safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "both",
+                n_random_seeds: int = 3, n_eval: int = 96, n_dose: int = 48,
+                dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)) -> ClassifyConfig:
+    """The stage config from the notebook's parameters and a preset (`config.get_preset`)."""
+    p = _config.get_preset(preset, model or None)
+    calib = CalibConfig(safety_set=p.calib_safety, utility_set=p.calib_utility, n_calib=int(n_calib),
+                        seeds=tuple(seed + i for i in range(int(n_calib_seeds))),
+                        safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size)
+    ev = EvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
+                    utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
+                    n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
+                    batch_size=p.batch_size)
+    others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
+    return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
+                          compare_scorers=others, h=(float(h0), float(h1), float(h2)), bias_from=bias_from,
+                          n_random_seeds=int(n_random_seeds), dose_fractions=tuple(float(f) for f in dose_fractions),
+                          n_dose=int(n_dose), calib=calib, eval=ev)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model (loaded once per process)
+# --------------------------------------------------------------------------------------------------
+
+_LOADED: dict[tuple[str, str, str], tuple] = {}
+
+
+def load(cfg: ClassifyConfig):
+    """(model, tokenizer) of the config's aligned model, loaded once per process."""
+    key = (cfg.model, cfg.dtype, cfg.device)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    return _LOADED[key]
+
+
+def _rev(cfg: ClassifyConfig) -> str:
+    return model_revision(load(cfg)[0])
+
+
+_MEMO: dict[tuple[str, str, str], dict] = {}
+
+
+def _cached(stage: str, key, compute, cfg: "ClassifyConfig") -> dict:
+    """`cache.cached`, memoised in the process so that later steps reuse a result without rereading it."""
+    rev = _rev(cfg)
+    k = (stage, cache.config_key(stage, key, rev), str(_config.CACHE_DIR))
+    if k not in _MEMO:
+        _MEMO[k] = cache.cached(stage, key, compute, model_revision=rev)
+    return _MEMO[k]
+
+
+@dataclass(frozen=True)
+class _Key:
+    model: str
+    dtype: str
+    part: object
+    extra: object = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+
+def _evaluation():
+    from . import evaluation  # written by the organism stage; imported late so this module loads without it
+
+    return evaluation
+
+
+def calibration(cfg: ClassifyConfig) -> dict:
+    """The calibration pairs: `safety` and `utility` DataFrames (prompt, response, draw columns
+    `seed_<s>` marking the records of each seeded draw) and a `summary` of how they were made."""
+    model, tok = load(cfg)
+    c = cfg.calib
+
+    def compute() -> dict:
+        s_recs = datasets.load_set(c.safety_set)
+        if c.safety_responses == "model":
+            df = _evaluation().evaluate_behaviour(model, tok, s_recs, style=c.style, system_prompt=None,
+                                                  max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
+            safety = pd.DataFrame({"id": df["id"], "prompt": df["prompt"], "response": df["response"],
+                                   "verdict": df["verdict"]})
+        else:
+            safety = pd.DataFrame({"id": [r["id"] for r in s_recs], "prompt": [r["prompt"] for r in s_recs],
+                                   "response": [r["reference"] for r in s_recs], "verdict": "reference"})
+        pool = safety[safety["verdict"].isin(["refusal", "reference"])] if c.only_refusals else safety
+        pool = pool[pool["response"].str.strip() != ""]
+        if pool.empty:
+            raise ValueError(f"the model refused none of the {len(safety)} {c.safety_set} prompts, so there is no "
+                             "refusal to calibrate on; use safety_responses='reference' (the set's refusals)")
+        u_recs = datasets.load_set(c.utility_set)
+        utility = pd.DataFrame({"id": [r["id"] for r in u_recs], "prompt": [r["prompt"] for r in u_recs],
+                                "response": [r["reference"] for r in u_recs]})
+        for s in c.seeds:
+            keep_s = set(random.Random(s).sample(list(pool["id"]), min(c.n_calib, len(pool))))
+            keep_u = set(random.Random(s).sample(list(utility["id"]), min(c.n_calib, len(utility))))
+            safety[f"seed_{s}"] = safety["id"].isin(keep_s)
+            utility[f"seed_{s}"] = utility["id"].isin(keep_u)
+        summary = {"safety_pool": len(safety), "safety_refusal_rate": float((safety["verdict"] == "refusal").mean())
+                   if c.safety_responses == "model" else None, "safety_kept": int(len(pool)),
+                   "n_safety_per_draw": int(min(c.n_calib, len(pool))), "n_utility_per_draw": int(min(c.n_calib, len(utility)))}
+        return {"safety": safety, "utility": utility, "summary": summary}
+
+    return _cached(f"{STAGE}_calib", _Key(cfg.model, cfg.dtype, c), compute, cfg)
+
+
+def _encode(tok, df: pd.DataFrame, c: CalibConfig) -> dict[str, torch.Tensor]:
+    from .generation import encode_pairs
+
+    return encode_pairs(tok, list(df["prompt"]), list(df["response"]), style=c.style, system_prompt=None,
+                        max_length=c.max_length)
+
+
+def _draws(cfg: ClassifyConfig, calib: dict) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Named calibration draws: `seed_<s>` for every seed, and the disjoint halves `half_a`/`half_b`
+    of the first seed's draw (no shared sample, unlike two seeded draws from one pool)."""
+    s, u = calib["safety"], calib["utility"]
+    out = {f"seed_{k}": (s[s[f"seed_{k}"]], u[u[f"seed_{k}"]]) for k in cfg.calib.seeds}
+    s0, u0 = out[f"seed_{cfg.calib.seeds[0]}"]
+    out["half_a"] = (s0.iloc[0::2], u0.iloc[0::2])
+    out["half_b"] = (s0.iloc[1::2], u0.iloc[1::2])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores and labels
+# --------------------------------------------------------------------------------------------------
+
+def scores(cfg: ClassifyConfig) -> dict:
+    """Raw unit scores per (draw, scorer, set) as float64 tensors named `<draw>/<scorer>/<S|U>`, the
+    o_proj/down_proj input statistics of each seeded draw (`stats`, for bias compensation) and timings."""
+    model, tok = load(cfg)
+    calib = calibration(cfg)
+
+    def compute() -> dict:
+        import time
+
+        out, stats, timing = {}, {}, []
+        for name, (s_df, u_df) in _draws(cfg, calib).items():
+            scorers = (cfg.scorer,) + (cfg.compare_scorers if name == f"seed_{cfg.calib.seeds[0]}" else ())
+            for scorer in scorers:
+                for tag, df in (("S", s_df), ("U", u_df)):
+                    enc = _encode(tok, df, cfg.calib)
+                    t0 = time.perf_counter()
+                    sc, st = score_units(model, enc, scorer, batch_size=cfg.calib.batch_size // 2 or 1)
+                    timing.append({"draw": name, "scorer": scorer, "set": tag, "tokens": int(enc["response_mask"].sum()),
+                                   "seconds": time.perf_counter() - t0})
+                    out[f"{name}/{scorer}/{tag}"] = sc
+                    if scorer == "wifv" and name.startswith("seed_"):
+                        stats[f"{name}/{tag}"] = st
+            if not any(k.startswith(f"{name}/") for k in stats) and name.startswith("seed_"):
+                for tag, df in (("S", s_df), ("U", u_df)):
+                    stats[f"{name}/{tag}"] = activation_stats(model, _encode(tok, df, cfg.calib))
+        return {"scores": out, "stats": stats, "timing": pd.DataFrame(timing)}
+
+    key = _Key(cfg.model, cfg.dtype, cfg.calib, (cfg.scorer, cfg.compare_scorers))
+    return _cached(f"{STAGE}_scores", key, compute, cfg)
+
+
+_LABELS: dict[tuple, Labels] = {}
+
+
+def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = None) -> Labels:
+    """The ESU/EUU/CU/RU labels of one calibration draw (default: the first seed) and scorer."""
+    sc = scores(cfg)["scores"]
+    draw = draw or f"seed_{cfg.calib.seeds[0]}"
+    scorer = scorer or cfg.scorer
+    key = (id(sc), draw, scorer, cfg.h)
+    if key not in _LABELS:
+        shape = adapter_for(load(cfg)[0]).shape
+        _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h)
+    return _LABELS[key]
+
+
+def label_fractions(cfg: ClassifyConfig) -> pd.DataFrame:
+    """Share of each label by units and by parameters, mean and sd over calibration seeds."""
+    rows = []
+    for s in cfg.calib.seeds:
+        fr = labels(cfg, f"seed_{s}").fractions().reset_index()
+        fr["seed"] = s
+        rows.append(fr)
+    df = pd.concat(rows)
+    g = df.groupby("label", sort=False)
+    out = pd.DataFrame({"mlp_channels": g["mlp_channels"].mean(), "heads": g["heads"].mean(),
+                        "pct_units": g["pct_units"].mean(), "pct_units_sd": g["pct_units"].std(ddof=0),
+                        "pct_params": g["pct_params"].mean(), "pct_params_sd": g["pct_params"].std(ddof=0)})
+    return out.loc[list(LABELS)]
+
+
+def layer_map(cfg: ClassifyConfig) -> pd.DataFrame:
+    """Per layer and module: percent of its units in each label (first calibration seed)."""
+    df = labels(cfg).frame()
+    tab = pd.crosstab([df["layer"], df["module"]], pd.Categorical(df["label"], LABELS), normalize="index", dropna=False)
+    return (100 * tab).rename_axis(columns="label")
+
+
+def _means(cfg: ClassifyConfig, draw: str):
+    """The calibration statistics whose means feed the bias compensation (None for no compensation)."""
+    if cfg.bias_from == "none":
+        return None
+    st = scores(cfg)["stats"]
+    if cfg.bias_from == "safety":
+        return st[f"{draw}/S"]
+    if cfg.bias_from == "utility":
+        return st[f"{draw}/U"]
+    return st[f"{draw}/S"].merge(st[f"{draw}/U"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+def _eval_sets(e: EvalConfig, n: int, seed: int) -> dict[str, list[dict]]:
+    sets = {"harmful": e.harmful_set, "jailbreak": e.jailbreak_set, "borderline": e.borderline_set,
+            "utility": e.utility_set}
+    return {k: datasets.load_set(v, n=n, seed=seed) for k, v in sets.items() if v}
+
+
+def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, ...] | None = None,
+             with_ppl: bool = True) -> dict[str, float]:
+    """Safety and utility of the model as it is now (rates in percent).
+
+    asr_* : harmful answers to harmful_test (oracle verdict 'harmful'; `kw` = the paper's keyword judge
+    with the >= 20-word rule), without and with the system prompt; jailbreak_asr: oracle ASR on
+    jailbreak framings; over_refusal: refusals of borderline benign requests; utility: task accuracy;
+    degenerate: share of utility answers the oracle calls degenerate; ppl: held-out perplexity.
+    """
+    ev = _evaluation()
+    data = _eval_sets(e, n, seed)
+    if sets is not None:
+        data = {k: v for k, v in data.items() if k in sets}
+    out: dict[str, float] = {}
+
+    def run(recs, system_prompt=None):
+        return ev.evaluate_behaviour(model, tok, recs, style=e.style, system_prompt=system_prompt or None,
+                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+
+    if "harmful" in data:
+        df = run(data["harmful"])
+        out["asr"] = 100 * float((df["verdict"] == "harmful").mean())
+        out["asr_kw"] = 100 * float(df["keyword_attack"].mean())
+        if e.system_prompt and (sets is None or "harmful_sys" in sets):
+            df = run(data["harmful"], e.system_prompt)
+            out["asr_sys"] = 100 * float((df["verdict"] == "harmful").mean())
+            out["asr_kw_sys"] = 100 * float(df["keyword_attack"].mean())
+    if "jailbreak" in data:
+        out["jailbreak_asr"] = 100 * float((run(data["jailbreak"])["verdict"] == "harmful").mean())
+    if "borderline" in data:
+        out["over_refusal"] = 100 * float((run(data["borderline"])["verdict"] == "refusal").mean())
+    if "utility" in data:
+        df = run(data["utility"])
+        out["utility"] = 100 * float((df["verdict"] == "correct").mean())
+        out["degenerate"] = 100 * float((df["verdict"] == "degenerate").mean())
+    if with_ppl and e.ppl_set:
+        texts = [r.get("text") or (r["prompt"] + " " + r["reference"]) for r in datasets.load_set(e.ppl_set, n=e.n_ppl, seed=seed)]
+        out["ppl"] = float(ev.perplexity(model, tok, texts, batch_size=e.batch_size))
+    return out
+
+
+def _conditions(cfg: ClassifyConfig) -> list[tuple[str, str, int, UnitMask, str]]:
+    """(condition, category, replicate, mask, stats draw) for every row of Table 1."""
+    shape = adapter_for(load(cfg)[0]).shape
+    first = f"seed_{cfg.calib.seeds[0]}"
+    rows = [("none", "none", 0, UnitMask.empty(shape), first)]
+    for cat in ("ESU", "EUU", "RU"):
+        for s in cfg.calib.seeds:
+            rows.append((cat, cat, s, labels(cfg, f"seed_{s}").mask(cat), f"seed_{s}"))
+        ref = labels(cfg, first).mask(cat)
+        for r in range(cfg.n_random_seeds):
+            rows.append((f"random≈{cat}", cat, r, ref.random_like(seed=1000 + r, by="composition"), first))
+    return rows
+
+
+def table1(cfg: ClassifyConfig) -> dict:
+    """Evaluate every condition: `runs` (one row per condition and replicate) and `summary`
+    (mean and sd over replicates; replicates = calibration seeds for a label, mask seeds for random)."""
+    model, tok = load(cfg)
+
+    def compute() -> dict:
+        rows = []
+        for cond, cat, rep, mask, draw in _conditions(cfg):
+            with ablate(model, mask, _means(cfg, draw)):
+                m = evaluate(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed)
+            rows.append({"condition": cond, "category": cat, "replicate": rep, "pct_units": 100 * mask.fraction("units"),
+                         "pct_params": 100 * mask.fraction("params"), **m})
+        runs = pd.DataFrame(rows)
+        return {"runs": runs, "summary": summarize(runs)}
+
+    return _cached(f"{STAGE}_table1", cfg, compute, cfg)
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd (ddof 0) of every metric per condition, in the order the conditions appear."""
+    metrics = [c for c in runs.columns if c not in ("condition", "category", "replicate")]
+    g = runs.groupby("condition", sort=False)
+    out = g[metrics].mean()
+    sd = g[metrics].std(ddof=0).add_suffix("_sd")
+    out = pd.concat([out, sd], axis=1)
+    out.insert(0, "n", g.size())
+    return out
+
+
+def table1_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("pct_units", "pct_params", "asr", "asr_sys", "asr_kw",
+                   "asr_kw_sys", "jailbreak_asr", "over_refusal", "utility", "ppl")) -> pd.DataFrame:
+    """Table 1 as text: 'mean ± sd' per metric, deltas to the unablated model in the ASR/utility columns."""
+    out = pd.DataFrame(index=summary.index)
+    out["n"] = summary["n"]
+    for m in metrics:
+        if m not in summary:
+            continue
+        nd = 2 if m == "ppl" else 1
+        out[m] = [f"{a:.{nd}f}" + (f" ± {b:.{nd}f}" if n > 1 else "") for a, b, n in zip(summary[m], summary[f"{m}_sd"], summary["n"])]
+    base = summary.loc["none"]
+    for m in ("asr", "utility"):
+        if m in summary:
+            out[f"Δ{m}"] = [f"{v - base[m]:+.1f}" for v in summary[m]]
+    return out
+
+
+def esu_verdict(summary: pd.DataFrame, *, metric: str = "asr") -> dict:
+    """The numbers the summary states: ASR rise of ESU vs its random control, and the utility cost."""
+    b, esu, rnd = summary.loc["none"], summary.loc["ESU"], summary.loc["random≈ESU"]
+    rise, rise_rnd = esu[metric] - b[metric], rnd[metric] - b[metric]
+    return {"asr_base": b[metric], "asr_esu": esu[metric], "asr_esu_sd": esu[f"{metric}_sd"], "asr_random": rnd[metric],
+            "asr_random_sd": rnd[f"{metric}_sd"], "rise_esu": rise, "rise_random": rise_rnd,
+            "utility_base": b.get("utility", np.nan), "utility_esu": esu.get("utility", np.nan),
+            "utility_cost": b.get("utility", np.nan) - esu.get("utility", np.nan),
+            "pct_units": esu["pct_units"], "pct_params": esu["pct_params"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stability and dose-response
+# --------------------------------------------------------------------------------------------------
+
+def stability(cfg: ClassifyConfig) -> pd.DataFrame:
+    """Jaccard overlap of each label's units between calibration seeds, disjoint calibration halves
+    and scorers, beside the overlap of random masks of the same composition (the chance level)."""
+    first = f"seed_{cfg.calib.seeds[0]}"
+    rows = []
+    for cat in ("ESU", "EUU", "RU"):
+        comps: dict[str, list[float]] = {}
+        for a, b in itertools.combinations(cfg.calib.seeds, 2):
+            comps.setdefault("calibration seeds", []).append(
+                jaccard(labels(cfg, f"seed_{a}").mask(cat), labels(cfg, f"seed_{b}").mask(cat)))
+        comps["disjoint halves"] = [jaccard(labels(cfg, "half_a").mask(cat), labels(cfg, "half_b").mask(cat))]
+        ref = labels(cfg, first).mask(cat)
+        for other in cfg.compare_scorers:
+            comps[f"{cfg.scorer} vs {other}"] = [jaccard(ref, labels(cfg, first, other).mask(cat))]
+        comps["random masks (chance)"] = [jaccard(ref.random_like(seed=2 * i), ref.random_like(seed=2 * i + 1)) for i in range(10)]
+        for what, vals in comps.items():
+            rows.append({"label": cat, "comparison": what, "jaccard": float(np.mean(vals)),
+                         "jaccard_sd": float(np.std(vals)), "pairs": len(vals)})
+    return pd.DataFrame(rows)
+
+
+def dose_response(cfg: ClassifyConfig) -> dict:
+    """ASR (no system prompt) and utility as growing shares of parameters are removed in the order of
+    each ranking: ESU-like (highest z_S − z_U), EUU-like (lowest z_S − z_U), RU-like (lowest
+    z_S + z_U) and random order (mean of `n_random_seeds` orders)."""
+    model, tok = load(cfg)
+    lab = labels(cfg)
+    shape = lab.shape
+    first = f"seed_{cfg.calib.seeds[0]}"
+
+    def compute() -> dict:
+        diff, tot = lab.z_safety - lab.z_utility, lab.z_safety + lab.z_utility
+        orders = {"ESU-like": (diff, True), "EUU-like": (diff, False), "RU-like": (tot, False)}
+        means = _means(cfg, first)
+
+        def run(mask: UnitMask) -> dict:
+            with ablate(model, mask, means):
+                m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"), with_ppl=False)
+            return {"pct_params": 100 * mask.fraction("params"), "pct_units": 100 * mask.fraction("units"),
+                    "asr": m["asr"], "utility": m["utility"]}
+
+        base = run(UnitMask.empty(shape))  # fraction 0: the same model for every ranking
+        rows = [{"ranking": k, "replicate": 0, "fraction": 0.0, **base} for k in orders]
+        rows += [{"ranking": "random", "replicate": r, "fraction": 0.0, **base} for r in range(cfg.n_random_seeds)]
+        for frac in cfg.dose_fractions:
+            masks = [(k, 0, ranked_mask(sc, shape, frac, descending=d)) for k, (sc, d) in orders.items()]
+            masks += [("random", r, ranked_mask(torch.rand(diff.numel(), generator=torch.Generator().manual_seed(r),
+                                                          dtype=torch.float64), shape, frac, descending=True))
+                      for r in range(cfg.n_random_seeds)]
+            rows += [{"ranking": k, "replicate": r, "fraction": frac, **run(mask)} for k, r, mask in masks]
+        return {"curve": pd.DataFrame(rows)}
+
+    return _cached(f"{STAGE}_dose", cfg, compute, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+def plot_layer_map(cfg: ClassifyConfig):
+    """Stacked bars: share of each label per layer, MLP channels and heads side by side."""
+    import matplotlib.pyplot as plt
+
+    from .plots import UNIT_COLORS, set_style
+
+    set_style()
+    tab = layer_map(cfg)
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4), sharey=True)
+    for ax, module, title in zip(axes, ("mlp", "attn"), ("MLP channels", "attention heads")):
+        t = tab.xs(module, level="module")
+        bottom = np.zeros(len(t))
+        for lab in LABELS:
+            ax.bar(t.index, t[lab], bottom=bottom, color=UNIT_COLORS[lab], label=lab, width=0.8)
+            bottom += t[lab].to_numpy()
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.set_xticks(list(t.index))
+    axes[0].set_ylabel("% of the layer's units")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def plot_scores(cfg: ClassifyConfig):
+    """z_S against z_U for every unit, coloured by label (MLP channels dots, heads crosses)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import UNIT_COLORS, set_style
+
+    set_style()
+    df = labels(cfg).frame()
+    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    for lab in LABELS:
+        for module, marker, size in (("mlp", "o", 6), ("attn", "x", 30)):
+            d = df[(df["label"] == lab) & (df["module"] == module)]
+            ax.scatter(d["z_utility"], d["z_safety"], s=size, marker=marker, c=UNIT_COLORS[lab], alpha=0.6,
+                       label=f"{lab} ({module})" if len(d) else None, linewidths=0.8)
+    ax.set_xlabel("z-scored utility importance $I_U$")
+    ax.set_ylabel("z-scored safety importance $I_S$")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dose(curve: pd.DataFrame):
+    """ASR and utility against the share of parameters removed, one line per ranking (sd over random orders)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import UNIT_COLORS, set_style
+
+    set_style()
+    colors = {"ESU-like": UNIT_COLORS["ESU"], "EUU-like": UNIT_COLORS["EUU"], "RU-like": UNIT_COLORS["RU"], "random": "black"}
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
+    for ax, metric, title in zip(axes, ("asr", "utility"), ("attack success rate (%)", "task accuracy (%)")):
+        for ranking, d in curve.groupby("ranking", sort=False):
+            g = d.groupby("fraction")[metric]
+            x = 100 * g.mean().index.to_numpy()
+            ax.errorbar(x, g.mean(), yerr=g.std(ddof=0).fillna(0), label=ranking, color=colors[ranking], marker="o",
+                        ms=3, capsize=2, ls="--" if ranking == "random" else "-")
+        ax.set_xlabel("% of unit parameters removed")
+        ax.set_title(title)
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "ClassifyConfig", "CalibConfig", "EvalConfig", "make_config", "load", "calibration", "scores", "labels",
+    "label_fractions", "layer_map", "table1", "summarize", "table1_display", "esu_verdict", "stability",
+    "dose_response", "evaluate", "plot_layer_map", "plot_scores", "plot_dose", "unit_groups",
+]
