@@ -28,8 +28,8 @@ from .units import ActivationStats
 
 def _compensation(weight: torch.Tensor, removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """W[:, removed] @ mean[removed] in float64, returned in the weight's dtype. weight [out, in]."""
-    w = weight.detach().to(torch.float64).cpu()[:, removed]
-    return (w @ mean.to(torch.float64).cpu()[removed]).to(weight.dtype)
+    w = weight.detach()[:, removed.to(weight.device)].to(torch.float64).cpu()
+    return (w @ mean.to(torch.float64).cpu()[removed.cpu()]).to(weight.dtype)
 
 
 def compensation_biases(model: nn.Module, mask: UnitMask, means: ActivationStats) -> dict[tuple[str, int], torch.Tensor]:

@@ -558,3 +558,49 @@ __all__ = [
     "label_fractions", "layer_map", "table1", "summarize", "table1_display", "esu_verdict", "stability",
     "dose_response", "evaluate", "plot_layer_map", "plot_scores", "plot_dose", "unit_groups",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Side by side with the paper, and the summary in words
+# --------------------------------------------------------------------------------------------------
+
+def fractions_vs_paper(cfg: ClassifyConfig) -> pd.DataFrame:
+    """Our label shares (mean over calibration seeds) beside the paper's Llama-2-7B-chat shares."""
+    from .paper import reported
+
+    ours = label_fractions(cfg)[["pct_units", "pct_units_sd", "pct_params"]]
+    rep = reported("unit_fractions")
+    rep = rep[rep["model"] == "Llama-2-7B-chat"].set_index("setting")["value"].rename("paper_pct_units (Llama-2-7B-chat)")
+    return ours.join(rep)
+
+
+def summary_text(cfg: ClassifyConfig) -> str:
+    """The notebook's conclusion in plain words, every number read from the cached results."""
+    s = table1(cfg)["summary"]
+    v = esu_verdict(s)
+    stab = stability(cfg).set_index(["label", "comparison"])
+    j_seed = stab.loc[("ESU", "calibration seeds")]
+    j_half = stab.loc[("ESU", "disjoint halves"), "jaccard"]
+    j_rand = stab.loc[("ESU", "random masks (chance)"), "jaccard"]
+    n_seeds, n_rand = int(s.loc["ESU", "n"]), int(s.loc["random≈ESU", "n"])
+    far = v["rise_esu"] - v["rise_random"] > 2 * max(v["asr_esu_sd"], v["asr_random_sd"], 1.0)
+    cheap = v["utility_cost"] <= 5.0
+    lines = [
+        f"Removing the ESU ({v['pct_units']:.1f}% of units, {v['pct_params']:.1f}% of unit parameters) moves the "
+        f"oracle ASR (no system prompt) from {v['asr_base']:.1f}% to {v['asr_esu']:.1f} ± {v['asr_esu_sd']:.1f}% "
+        f"(mean ± sd over {n_seeds} calibration seeds); random masks of the same composition give "
+        f"{v['asr_random']:.1f} ± {v['asr_random_sd']:.1f}% ({n_rand} seeds).",
+        f"Task accuracy goes from {v['utility_base']:.1f}% to {v['utility_esu']:.1f}% "
+        f"(cost {v['utility_cost']:+.1f} points).",
+        "Verdict: ESU removal " + ("raises" if far else "does NOT raise") + " ASR far more than removing random "
+        "units of equal size; its utility cost is " + ("small" if cheap else "NOT small")
+        + f" ({v['utility_cost']:+.1f} points of task accuracy).",
+        f"ESU stability: Jaccard {j_seed['jaccard']:.2f} ± {j_seed['jaccard_sd']:.2f} between calibration seeds "
+        f"(overlapping draws), {j_half:.2f} between disjoint halves, {j_rand:.2f} for random masks of that size.",
+    ]
+    for cat in ("EUU", "RU"):
+        r = s.loc[cat]
+        lines.append(f"Removing {cat} ({r['pct_units']:.1f}% of units): ASR {r['asr']:.1f}%, task accuracy "
+                     f"{r['utility']:.1f}% (random of equal size: {s.loc[f'random≈{cat}', 'utility']:.1f}%)"
+                     + (f", perplexity {r['ppl']:.2f}." if "ppl" in r else "."))
+    return "\n".join(lines)

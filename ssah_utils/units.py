@@ -271,7 +271,7 @@ def snip_scores(model: nn.Module, enc: dict[str, torch.Tensor], *, batch_size: i
     projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     weights = {(p, l): ad.proj(l, p).weight for l in range(ad.n_layers) for p in projs}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    grads = {k: torch.zeros_like(w, dtype=torch.float64, device="cpu") for k, w in weights.items()}
+    grads: dict[tuple[str, int], torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
@@ -284,10 +284,9 @@ def snip_scores(model: nn.Module, enc: dict[str, torch.Tensor], *, batch_size: i
             ids, att, resp = (b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
             logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits  # [b, s, V]
             loss = response_nll(logits, ids, resp)
-            loss.backward()
-            for k, w in weights.items():
-                grads[k] += w.grad.detach().to(torch.float64).cpu()
-                w.grad = None
+            loss.backward()  # gradients accumulate in .grad over batches (no extra copy of the weights)
+        for k, w in weights.items():
+            grads[k] = w.grad.detach()
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
@@ -296,7 +295,7 @@ def snip_scores(model: nn.Module, enc: dict[str, torch.Tensor], *, batch_size: i
     mlp, heads = [], []
     for layer in range(ad.n_layers):
         def per_weight(proj: str, _l=layer) -> torch.Tensor:
-            return (weights[(proj, _l)].detach().to(torch.float64).cpu() * grads[(proj, _l)]).abs()
+            return (weights[(proj, _l)].detach() * grads[(proj, _l)]).abs().to(torch.float64).cpu()
 
         m, h = _pool_weight_scores(ad, layer, per_weight)
         mlp.append(m)
