@@ -76,6 +76,7 @@ class ClassifyConfig:
     scorer: str = "wifv"  # the scorer that labels units (the paper's); others are compared in `stability`
     compare_scorers: tuple[str, ...] = ("wanda", "snip")
     h: tuple[float, float, float] = (0.10, 0.01, 0.10)  # RU, ESU, EUU thresholds (authors' code)
+    threshold_rule: str = "nearest"  # FLAP's global threshold (closest prefix) or "floor" (never above h)
     bias_from: str = "both"  # calibration tokens whose mean feeds FLAP bias compensation: both|safety|utility|none
     n_random_seeds: int = 3  # random masks of each category's composition (the null)
     dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)  # shares of parameters removed
@@ -93,7 +94,7 @@ class ClassifyConfig:
 
 
 def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, h0: float = 0.10,
-                h1: float = 0.01, h2: float = 0.10, n_calib: int = 128, n_calib_seeds: int = 3,
+                h1: float = 0.01, h2: float = 0.10, threshold_rule: str = "nearest", n_calib: int = 128, n_calib_seeds: int = 3,
                 safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "both",
                 n_random_seeds: int = 3, n_eval: int = 96, n_dose: int = 48,
                 dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)) -> ClassifyConfig:
@@ -108,7 +109,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                     batch_size=p.batch_size)
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
-                          compare_scorers=others, h=(float(h0), float(h1), float(h2)), bias_from=bias_from,
+                          compare_scorers=others, h=(float(h0), float(h1), float(h2)), threshold_rule=threshold_rule, bias_from=bias_from,
                           n_random_seeds=int(n_random_seeds), dose_fractions=tuple(float(f) for f in dose_fractions),
                           n_dose=int(n_dose), calib=calib, eval=ev)
 
@@ -260,10 +261,10 @@ def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = No
     sc = scores(cfg)["scores"]
     draw = draw or f"seed_{cfg.calib.seeds[0]}"
     scorer = scorer or cfg.scorer
-    key = (id(sc), draw, scorer, cfg.h)
+    key = (id(sc), draw, scorer, cfg.h, cfg.threshold_rule)
     if key not in _LABELS:
         shape = adapter_for(load(cfg)[0]).shape
-        _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h)
+        _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h, cfg.threshold_rule)
     return _LABELS[key]
 
 
@@ -472,9 +473,10 @@ def dose_response(cfg: ClassifyConfig) -> dict:
         rows = [{"ranking": k, "replicate": 0, "fraction": 0.0, **base} for k in orders]
         rows += [{"ranking": "random", "replicate": r, "fraction": 0.0, **base} for r in range(cfg.n_random_seeds)]
         for frac in cfg.dose_fractions:
-            masks = [(k, 0, ranked_mask(sc, shape, frac, descending=d)) for k, (sc, d) in orders.items()]
+            rule = cfg.threshold_rule
+            masks = [(k, 0, ranked_mask(sc, shape, frac, descending=d, rule=rule)) for k, (sc, d) in orders.items()]
             masks += [("random", r, ranked_mask(torch.rand(diff.numel(), generator=torch.Generator().manual_seed(r),
-                                                          dtype=torch.float64), shape, frac, descending=True))
+                                                          dtype=torch.float64), shape, frac, descending=True, rule=rule))
                       for r in range(cfg.n_random_seeds)]
             rows += [{"ranking": k, "replicate": r, "fraction": frac, **run(mask)} for k, r, mask in masks]
         return {"curve": pd.DataFrame(rows)}

@@ -356,14 +356,28 @@ def standardize(scores: torch.Tensor, shape: UnitShape) -> torch.Tensor:
     return z
 
 
-def take_by_params(order: torch.Tensor, params: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool [n_units]: the longest prefix of `order` whose parameters add up to at most
-    `fraction` of all parameters (the paper's parameter-weighted thresholds)."""
+THRESHOLD_RULES = ("nearest", "floor")
+
+
+def take_by_params(order: torch.Tensor, params: torch.Tensor, fraction: float, rule: str = "nearest") -> torch.Tensor:
+    """Bool [n_units]: the prefix of the ranking `order` whose parameters make up `fraction` of all
+    parameters (the paper's parameter-weighted thresholds).
+
+    `rule="nearest"` (default) is FLAP's global threshold, which the authors' code builds on: the prefix
+    whose cumulative parameter count is closest to the target (ties: the shorter). It matters when one
+    unit is large next to the target (an organism head is 1.6% of the parameters, more than h1 = 1%):
+    `"floor"` (never exceed the target) would then select nothing.
+    """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"threshold fractions must be in [0, 1], got {fraction}")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule must be one of {THRESHOLD_RULES}, got {rule!r}")
     budget = fraction * float(params.sum())
-    cum = torch.cumsum(params[order], 0)
-    n = int((cum <= budget * (1 + 1e-12)).sum())
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(params[order].to(torch.float64), 0)])
+    if rule == "floor":
+        n = int((cum[1:] <= budget * (1 + 1e-12)).sum())
+    else:
+        n = int(torch.argmin((cum - budget).abs()))  # first minimum: the shorter prefix on ties
     out = torch.zeros(order.numel(), dtype=torch.bool)
     out[order[:n]] = True
     return out
@@ -378,6 +392,7 @@ class Labels:
     z_safety: torch.Tensor
     z_utility: torch.Tensor
     h: tuple[float, float, float]
+    rule: str = "nearest"
 
     def mask(self, label: str) -> UnitMask:
         if label not in LABELS:
@@ -408,33 +423,35 @@ class Labels:
 
 
 def label_units(score_safety: torch.Tensor, score_utility: torch.Tensor, shape: UnitShape,
-                h: tuple[float, float, float] = DEFAULT_H) -> Labels:
+                h: tuple[float, float, float] = DEFAULT_H, rule: str = "nearest") -> Labels:
     """Label units from raw safety and utility scores (paper Sec. 4, the authors' order).
 
     z-score each within layer and module type; RU = lowest h0 of z_S + z_U, then ESU = highest h1 of
     z_S − z_U and EUU = lowest h2 of z_S − z_U (written after RU, so they win); CU = the rest.
-    Each threshold is a share of parameters; units are taken in ranked order (ties: unit order).
+    Each threshold is a share of parameters (`take_by_params`, `rule`); units are taken in ranked
+    order (ties: unit order).
     """
     h0, h1, h2 = (float(x) for x in h)
     zs, zu = standardize(score_safety, shape), standardize(score_utility, shape)
     params = unit_params(shape)
     labels = ["CU"] * zs.numel()
     total, diff = zs + zu, zs - zu
-    ru = take_by_params(torch.argsort(total, stable=True), params, h0)
-    esu = take_by_params(torch.argsort(diff, descending=True, stable=True), params, h1)
-    euu = take_by_params(torch.argsort(diff, stable=True), params, h2)
+    ru = take_by_params(torch.argsort(total, stable=True), params, h0, rule)
+    esu = take_by_params(torch.argsort(diff, descending=True, stable=True), params, h1, rule)
+    euu = take_by_params(torch.argsort(diff, stable=True), params, h2, rule)
     if bool((esu & euu).any()):
         raise ValueError(f"h1 + h2 = {h1 + h2} is so large that ESU and EUU overlap")
     for sel, name in ((ru, "RU"), (esu, "ESU"), (euu, "EUU")):
         for i in sel.nonzero().squeeze(1).tolist():
             labels[i] = name
-    return Labels(shape, labels, zs, zu, (h0, h1, h2))
+    return Labels(shape, labels, zs, zu, (h0, h1, h2), rule)
 
 
-def ranked_mask(score: torch.Tensor, shape: UnitShape, fraction: float, *, descending: bool) -> UnitMask:
+def ranked_mask(score: torch.Tensor, shape: UnitShape, fraction: float, *, descending: bool,
+                rule: str = "nearest") -> UnitMask:
     """The top (or bottom) `fraction` of parameters by a flat score: for dose-response curves."""
     order = torch.argsort(score.to(torch.float64), descending=descending, stable=True)
-    return UnitMask.from_flat(shape, take_by_params(order, unit_params(shape), fraction))
+    return UnitMask.from_flat(shape, take_by_params(order, unit_params(shape), fraction, rule))
 
 
 def jaccard(a: UnitMask, b: UnitMask) -> float:

@@ -188,39 +188,57 @@ def test_standardize_per_layer_and_module():
     torch.testing.assert_close(U.standardize(raw2, s), z)
 
 
-@pytest.mark.parametrize("h", [(0.10, 0.01, 0.10), (0.2, 0.05, 0.05), (0.0, 0.0, 0.3)])
-def test_labels_respect_parameter_weighted_thresholds_exactly(h):
+def _slow_prefix(order, params, target, rule):
+    """Walk the ranking, one unit at a time, and return the chosen prefix length."""
+    sums, used = [0.0], 0.0
+    for i in order:
+        used += params[i]
+        sums.append(used)
+    if rule == "floor":
+        return max(k for k, v in enumerate(sums) if v <= target + 1e-9)
+    best = min(abs(v - target) for v in sums)
+    return next(k for k, v in enumerate(sums) if abs(v - target) == best)
+
+
+@pytest.mark.parametrize("rule", ["nearest", "floor"])
+@pytest.mark.parametrize("h", [(0.10, 0.01, 0.10), (0.2, 0.05, 0.05), (0.0, 0.0, 0.3), (0.1, 0.004, 0.1)])
+def test_labels_respect_parameter_weighted_thresholds_exactly(h, rule):
     s = _shape()
     g = torch.Generator().manual_seed(3)
     ss, su = torch.rand(104, generator=g, dtype=torch.float64), torch.rand(104, generator=g, dtype=torch.float64)
-    lab = U.label_units(ss, su, s, h)
-    params = unit_params(s)
-    total = float(params.sum())
+    lab = U.label_units(ss, su, s, h, rule=rule)
+    params = unit_params(s).tolist()
+    total = sum(params)
     zs, zu = U.standardize(ss, s), U.standardize(su, s)
-    lab_arr = lab.labels
+    chosen = {}
     for name, key, desc, frac in (("RU", zs + zu, False, h[0]), ("ESU", zs - zu, True, h[1]), ("EUU", zs - zu, False, h[2])):
         order = sorted(range(104), key=lambda i: (-key[i].item() if desc else key[i].item(), i))
-        # slow: walk the ranking adding parameters while they fit
-        chosen, used = [], 0.0
-        for i in order:
-            if used + params[i].item() > frac * total:
-                break
-            chosen.append(i)
-            used += params[i].item()
-        assert used <= frac * total + 1e-9
-        if len(chosen) < 104:
-            assert used + params[order[len(chosen)]].item() > frac * total
-        if name == "RU":  # ESU/EUU are written after RU and win
-            assert {i for i, x in enumerate(lab_arr) if x == "RU"} == {i for i in chosen if lab_arr[i] in ("RU", "ESU", "EUU")} - {
-                i for i, x in enumerate(lab_arr) if x in ("ESU", "EUU")}
-            assert all(lab_arr[i] in ("RU", "ESU", "EUU") for i in chosen)
-        else:
-            assert {i for i, x in enumerate(lab_arr) if x == name} == set(chosen)
+        chosen[name] = set(order[:_slow_prefix(order, params, frac * total, rule)])
+        used = sum(params[i] for i in chosen[name])
+        if rule == "floor":
+            assert used <= frac * total + 1e-9
+    got = {k: {i for i, x in enumerate(lab.labels) if x == k} for k in ("RU", "ESU", "EUU", "CU")}
+    assert got["ESU"] == chosen["ESU"] and got["EUU"] == chosen["EUU"]  # written last, they win over RU
+    assert got["RU"] == chosen["RU"] - chosen["ESU"] - chosen["EUU"]
+    assert got["CU"] == set(range(104)) - got["RU"] - got["ESU"] - got["EUU"]
     fr = lab.fractions()
     assert fr["units"].sum() == 104 and fr["pct_params"].sum() == pytest.approx(100)
-    assert fr.loc["ESU", "pct_params"] <= 100 * h[1] + 1e-9
     masks = lab.masks()
     assert (masks["ESU"] | masks["EUU"] | masks["CU"] | masks["RU"]) == UnitMask.full(s)
+
+
+def test_threshold_rules_on_a_unit_larger_than_the_target():
+    params = torch.tensor([16.0, 1.0, 1.0, 1.0, 1.0, 80.0], dtype=torch.float64)  # total 100
+    order = torch.arange(6)
+    # target 10: the first unit (16) is nearer 10 than 0 is -> FLAP's rule takes it; floor takes nothing
+    assert U.take_by_params(order, params, 0.10).tolist() == [True] + [False] * 5
+    assert not U.take_by_params(order, params, 0.10, rule="floor").any()
+    # target 19: prefixes 16, 17, 18, 19 -> both take four units
+    assert U.take_by_params(order, params, 0.19).sum() == 4 == U.take_by_params(order, params, 0.19, rule="floor").sum()
+    # target 7: 0 is nearer than 16 -> nothing
+    assert not U.take_by_params(order, params, 0.07).any()
+    with pytest.raises(ValueError, match="rule"):
+        U.take_by_params(order, params, 0.1, rule="ceil")
 
 
 def test_jaccard_transfer_and_ranked_masks():
