@@ -26,7 +26,8 @@ from . import config as _config
 from . import datasets
 from .ablation import ablate
 from .models import UnitMask, adapter_for, load_model, model_revision
-from .units import LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups
+from .units import (LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups,
+                    wifv_authors_z)
 
 STAGE = "classify"
 
@@ -74,10 +75,11 @@ class ClassifyConfig:
     dtype: str = "float32"
     device: str = "auto"
     scorer: str = "wifv"  # the scorer that labels units (the paper's); others are compared in `stability`
+    wifv_variant: str = "authors"  # "authors": z-score o_proj channels (metric squared), then mean per head; "plain": pool, then z
     compare_scorers: tuple[str, ...] = ("wanda", "snip")
     h: tuple[float, float, float] = (0.10, 0.01, 0.10)  # RU, ESU, EUU thresholds (authors' code)
     threshold_rule: str = "nearest"  # FLAP's global threshold (closest prefix) or "floor" (never above h)
-    bias_from: str = "both"  # calibration tokens whose mean feeds FLAP bias compensation: both|safety|utility|none
+    bias_from: str = "safety"  # calibration tokens whose mean feeds FLAP bias compensation: safety (authors' code)|utility|both|none
     n_random_seeds: int = 3  # random masks of each category's composition (the null)
     dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)  # shares of parameters removed
     n_dose: int = 48  # prompts per set in the dose-response curve
@@ -87,6 +89,8 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         if self.bias_from not in ("both", "safety", "utility", "none"):
             raise ValueError(f"bias_from must be both|safety|utility|none, got {self.bias_from!r}")
+        if self.wifv_variant not in ("authors", "plain"):
+            raise ValueError(f"wifv_variant must be 'authors' or 'plain', got {self.wifv_variant!r}")
         if self.calib.safety_responses not in ("model", "reference"):
             raise ValueError(f"safety_responses must be 'model' or 'reference', got {self.calib.safety_responses!r}")
         if not self.calib.seeds:
@@ -94,8 +98,9 @@ class ClassifyConfig:
 
 
 def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, h0: float = 0.10,
-                h1: float = 0.01, h2: float = 0.10, threshold_rule: str = "nearest", n_calib: int = 128, n_calib_seeds: int = 3,
-                safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "both",
+                h1: float = 0.01, h2: float = 0.10, threshold_rule: str = "nearest", wifv_variant: str = "authors",
+                n_calib: int = 128, n_calib_seeds: int = 3,
+                safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "safety",
                 n_random_seeds: int = 3, n_eval: int = 96, n_dose: int = 48,
                 dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)) -> ClassifyConfig:
     """The stage config from the notebook's parameters and a preset (`config.get_preset`)."""
@@ -109,7 +114,8 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                     batch_size=p.batch_size)
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
-                          compare_scorers=others, h=(float(h0), float(h1), float(h2)), threshold_rule=threshold_rule, bias_from=bias_from,
+                          compare_scorers=others, h=(float(h0), float(h1), float(h2)), threshold_rule=threshold_rule,
+                          wifv_variant=wifv_variant, bias_from=bias_from,
                           n_random_seeds=int(n_random_seeds), dose_fractions=tuple(float(f) for f in dose_fractions),
                           n_dose=int(n_dose), calib=calib, eval=ev)
 
@@ -242,6 +248,8 @@ def scores(cfg: ClassifyConfig) -> dict:
                     timing.append({"draw": name, "scorer": scorer, "set": tag, "tokens": int(enc["response_mask"].sum()),
                                    "seconds": time.perf_counter() - t0})
                     out[f"{name}/{scorer}/{tag}"] = sc
+                    if scorer == "wifv":
+                        out[f"{name}/wifv_authors_z/{tag}"] = wifv_authors_z(model, st)
                     if scorer == "wifv" and name.startswith("seed_"):
                         stats[f"{name}/{tag}"] = st
             if not any(k.startswith(f"{name}/") for k in stats) and name.startswith("seed_"):
@@ -261,10 +269,14 @@ def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = No
     sc = scores(cfg)["scores"]
     draw = draw or f"seed_{cfg.calib.seeds[0]}"
     scorer = scorer or cfg.scorer
-    key = (id(sc), draw, scorer, cfg.h, cfg.threshold_rule)
+    key = (id(sc), draw, scorer, cfg.h, cfg.threshold_rule, cfg.wifv_variant)
     if key not in _LABELS:
         shape = adapter_for(load(cfg)[0]).shape
-        _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h, cfg.threshold_rule)
+        if scorer == "wifv" and cfg.wifv_variant == "authors":
+            _LABELS[key] = label_units(sc[f"{draw}/wifv_authors_z/S"], sc[f"{draw}/wifv_authors_z/U"], shape, cfg.h,
+                                       cfg.threshold_rule, standardized=True)
+        else:
+            _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h, cfg.threshold_rule)
     return _LABELS[key]
 
 

@@ -233,6 +233,30 @@ def wifv_from_stats(model: nn.Module, stats: ActivationStats) -> torch.Tensor:
     return _flat(ad, mlp, heads)
 
 
+def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
+    """z-score each row [.., n] with the sample std (ddof 1, torch.std's default as in the authors'
+    `standarlization`); a constant row gives zeros rather than NaN."""
+    std = x.std(dim=-1, keepdim=True)
+    return torch.where(std > 0, (x - x.mean(dim=-1, keepdim=True)) / std.clamp_min(1e-300), torch.zeros_like(x))
+
+
+def wifv_authors_z(model: nn.Module, stats: ActivationStats) -> torch.Tensor:
+    """Standardised WIFV unit scores [n_units] exactly as the authors' code builds them (their fork of
+    FLAP, `prune_fluctuation_decouple_utility_and_safety`): the o_proj channel metric is WIFV squared,
+    z-scored over the layer's channels, and a head's score is the mean of its channels' z-scores; an MLP
+    channel's score is its WIFV z-scored over the layer's channels. The plain variant
+    (`wifv_from_stats` + `standardize`) pools raw channel scores into heads first, then z-scores heads."""
+    ad = adapter_for(model)
+    mlp, heads = [], []
+    for layer in range(ad.n_layers):
+        w_d = ad.proj(layer, "down_proj").weight.detach().to(torch.float64).cpu()
+        mlp.append(_zscore_rows(stats[("down_proj", layer)].var * w_d.square().sum(0)))
+        w_o = ad.proj(layer, "o_proj").weight.detach().to(torch.float64).cpu()
+        ch = _zscore_rows((stats[("o_proj", layer)].var * w_o.square().sum(0)).square())
+        heads.append(_head_pool(ch, ad))
+    return _flat(ad, mlp, heads)
+
+
 def _pool_weight_scores(ad: FamilyAdapter, layer: int, per_weight) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-weight scores `per_weight(proj) -> [out, in]` over each unit's weights of `layer`."""
     g = per_weight("gate_proj").sum(1) + per_weight("up_proj").sum(1) + per_weight("down_proj").sum(0)  # [d_mlp]
@@ -340,9 +364,8 @@ def unit_groups(shape: UnitShape) -> torch.Tensor:
 
 
 def standardize(scores: torch.Tensor, shape: UnitShape) -> torch.Tensor:
-    """z-score within each layer and module type (paper Sec. 4): (s − mean) / std, std with ddof 0.
-
-    A group whose scores are all equal gets z = 0 (no information, rather than NaN)."""
+    """z-score within each layer and module type (paper Sec. 4): (s − mean) / std, the sample std
+    (ddof 1) as in the authors' code. A group whose scores are all equal gets z = 0 (not NaN)."""
     scores = scores.to(torch.float64)
     if scores.numel() != shape.n_layers * (shape.d_mlp + shape.n_heads):
         raise ValueError(f"{scores.numel()} scores for a model of {shape.n_layers * (shape.d_mlp + shape.n_heads)} units")
@@ -350,9 +373,7 @@ def standardize(scores: torch.Tensor, shape: UnitShape) -> torch.Tensor:
     z = torch.empty_like(scores)
     for g in range(2 * shape.n_layers):
         sel = groups == g
-        s = scores[sel]
-        std = s.std(correction=0)
-        z[sel] = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
+        z[sel] = _zscore_rows(scores[sel])
     return z
 
 
@@ -423,16 +444,20 @@ class Labels:
 
 
 def label_units(score_safety: torch.Tensor, score_utility: torch.Tensor, shape: UnitShape,
-                h: tuple[float, float, float] = DEFAULT_H, rule: str = "nearest") -> Labels:
+                h: tuple[float, float, float] = DEFAULT_H, rule: str = "nearest", *,
+                standardized: bool = False) -> Labels:
     """Label units from raw safety and utility scores (paper Sec. 4, the authors' order).
 
     z-score each within layer and module type; RU = lowest h0 of z_S + z_U, then ESU = highest h1 of
     z_S − z_U and EUU = lowest h2 of z_S − z_U (written after RU, so they win); CU = the rest.
     Each threshold is a share of parameters (`take_by_params`, `rule`); units are taken in ranked
-    order (ties: unit order).
+    order (ties: unit order). `standardized=True`: the scores are already z-scores (`wifv_authors_z`).
     """
     h0, h1, h2 = (float(x) for x in h)
-    zs, zu = standardize(score_safety, shape), standardize(score_utility, shape)
+    if standardized:
+        zs, zu = score_safety.to(torch.float64), score_utility.to(torch.float64)
+    else:
+        zs, zu = standardize(score_safety, shape), standardize(score_utility, shape)
     params = unit_params(shape)
     labels = ["CU"] * zs.numel()
     total, diff = zs + zu, zs - zu

@@ -81,6 +81,24 @@ def test_wifv_matches_a_per_token_reference(family, enc):
     assert fast.dtype == torch.float64 and fast.shape == (2 * (48 + 4),)
 
 
+def test_wifv_authors_z_by_hand(enc):
+    model = tiny_model("llama", seed=8)
+    ad = adapter_for(model)
+    stats = U.activation_stats(model, enc)
+    z = U.wifv_authors_z(model, stats)
+    for l in range(2):
+        w_d, w_o = ad.proj(l, "down_proj").weight.double(), ad.proj(l, "o_proj").weight.double()
+        m = stats[("down_proj", l)].var * (w_d ** 2).sum(0)
+        zm = (m - m.mean()) / m.std()
+        torch.testing.assert_close(z[l * 48:(l + 1) * 48], zm)
+        a = (stats[("o_proj", l)].var * (w_o ** 2).sum(0)) ** 2  # the authors square the o_proj metric
+        za = (a - a.mean()) / a.std()
+        heads = torch.stack([za[h * 8:(h + 1) * 8].mean() for h in range(4)])
+        torch.testing.assert_close(z[96 + l * 4: 96 + (l + 1) * 4], heads)
+    lab = U.label_units(z, -z, ad.shape, standardized=True)
+    torch.testing.assert_close(lab.z_safety, z)
+
+
 def _slow_pool(ad, l, per_weight):
     """Pool per-weight scores to units with explicit loops over each unit's weights."""
     g = torch.stack([per_weight("gate_proj")[i].sum() + per_weight("up_proj")[i].sum() + per_weight("down_proj")[:, i].sum()
@@ -181,7 +199,7 @@ def test_standardize_per_layer_and_module():
     groups = U.unit_groups(s)
     for g in range(4):
         torch.testing.assert_close(z[groups == g].mean(), torch.tensor(0.0, dtype=torch.float64))
-        torch.testing.assert_close(z[groups == g].std(correction=0), torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(z[groups == g].std(correction=1), torch.tensor(1.0, dtype=torch.float64))
     # scaling one layer's scores changes nothing after standardising
     raw2 = raw.clone()
     raw2[groups == 1] *= 1000
