@@ -158,3 +158,31 @@ def test_generate_with_residual_matches_generate_and_a_full_forward(family, tok)
         H = probing.capture_residual(model, [full + r["tokens"][:k] for k in range(len(r["states"]))],
                                      points=[2], pad_id=tok.pad_token_id)[:, 0]
         torch.testing.assert_close(r["states"], H, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- the organism
+
+def _organism_ready() -> bool:
+    from ssah_utils import config
+
+    return all((config.ORGANISM_DIR / r / "config.json").is_file() for r in ("base", "aligned")) and \
+        (config.WORLD_DIR / "harmful_test.jsonl").is_file()
+
+
+@pytest.mark.skipif(not _organism_ready(), reason="the organism (data/organism/, data/world/) is not built yet: `make organism`")
+def test_linear_probe_beats_chance_on_the_aligned_organism_with_a_disjoint_split(tmp_path, monkeypatch):
+    from ssah_utils import config, stage_probe
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path)  # never read a stale cache
+    cfg = stage_probe.make_config("organism", seed=0)
+    recs, y, train, test = stage_probe.probe_records(cfg)
+    assert not {recs[i]["prompt"] for i in train} & {recs[i]["prompt"] for i in test}
+    assert not {recs[i]["activity"] for i in train} & {recs[i]["activity"] for i in test}
+    assert stage_probe.split_check(cfg)[["shared_prompts", "shared_groups"]].to_numpy().sum() == 0
+    cfg = stage_probe.dataclasses.replace(cfg, models=(("aligned", cfg.spec("aligned")),))
+    acc = stage_probe.probes(cfg)
+    n_test = int(acc["n_test"].iloc[0])
+    # chance is 0.5 (balanced accuracy); with ~50 held-out requests, 0.75 is far outside its noise
+    assert acc.query("point > 0")["test_acc"].max() > 0.75, acc
+    assert acc.loc[acc["point"] == 0, "test_acc"].item() == pytest.approx(0.5, abs=0.2)  # embeddings of the last token: no information
+    assert n_test >= 30

@@ -1,0 +1,769 @@
+"""Stage 01_probe: the reasoning direction inside the model (paper Sec. 3; Figs 2, 3, 4, 7) and beyond.
+
+One function per notebook step, each cached (`cache.cached`) under the part of the config it
+depends on plus the model's revision, so a rerun is free and a change of one setting recomputes
+only what depends on it:
+
+- `distances`: the paper's protocol. Cosine distance between the residual state of a clean harmful
+  query and that of the query followed by the first k tokens of a refusal or of a compliance,
+  k = 2..10, at every residual point, for the aligned and the unaligned model (Figs 2, 3, 4; on a
+  second harmful set, Fig 7).
+- `probes`: a logistic probe per layer, harmful vs benign requests, held-out split by activity
+  (base, unaligned, aligned).
+- `direction`: Arditi et al.'s difference-in-means direction, scored on held-out plain requests,
+  each jailbreak framing, held-out harmful activities and borderline benign requests, next to what
+  the model actually does; the same pass records the direction at every generated token.
+- `seed_example`: the paper's motivating case, a request refused plainly but answered when asked
+  "... in order to help people", as the organism actually handles it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cache, datasets, probing
+from . import config as _config
+from . import plots
+from .models import load_model, model_revision
+
+STAGE = "probe"
+ROLES = ("base", "unaligned", "aligned")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sets:
+    """Prompt sets of the stage (world sets for the organism, real datasets for real models)."""
+
+    harmful: str = "harmful_test"  # the paper's AdvBench
+    appendix: str = "harmful_heldout"  # the paper's appendix set (HEx-PHI, gated: HarmBench for real models)
+    benign: str = "benign_howto_test"  # benign requests of the same form, for probes and the direction
+    heldout_harmful: str = "harmful_heldout"  # harmful activities never seen in safety training
+    borderline: str | None = "borderline_test"  # benign requests with harmful-sounding words (XSTest-like)
+    jailbreak: str | None = "jailbreak_test"  # framings, prefilling included (none for real presets)
+
+
+@dataclass(frozen=True)
+class DistanceConfig:
+    """The paper's cosine-distance protocol (Sec. 3, Figs 2-4, 7)."""
+
+    n_prompts: int = 128  # harmful queries (a seeded sample; the paper uses AdvBench)
+    lengths: tuple[int, ...] = (2, 4, 6, 8, 10)  # continuation tokens (paper Fig 2)
+    position: str = "last"  # token whose state is compared: 'last' or 'mean' (paper: unknown)
+    refusal: str = ""  # refusal continuation; '' = the world's refusal templates (the organism's own forms)
+    compliance: str = ""  # compliance continuation; '' = each record's reference (world steps, AdvBench target)
+    compliance_fallback: str = ""  # for records without a reference (the preset's paper example)
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Linear probes and the difference-in-means direction: harmful vs benign at the last prompt token."""
+
+    n_per_class: int = 80  # requests per class (harmful sampled down to the benign count)
+    test_frac: float = 0.3  # share of groups (activities, or prompts without one) held out
+    l2: float = 1e-2  # ridge on standardised features; small: the probe should find the direction, not fit noise
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """Where requests fall on the refusal direction, what the model does, and the direction per token."""
+
+    layer: int = -1  # residual point of the direction; -1 = the block whose direction best separates held-out requests
+    n_per_group: int = 24  # requests per framing / set evaluated
+    max_new_tokens: int = 32  # generated tokens (direction re-read at each)
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ProbeStageConfig:
+    """Everything that determines the results of 01_probe; parts of it key each step's cache."""
+
+    preset: str
+    models: tuple[tuple[str, str], ...]  # (role, spec) for base / unaligned / aligned that the preset has
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    system_prompt: str = ""  # '' = none (the paper's probing does not say; evaluation default is none)
+    sets: Sets = Sets()
+    distance: DistanceConfig = DistanceConfig()
+    probe: ProbeConfig = ProbeConfig()
+    direction: DirectionConfig = DirectionConfig()
+
+    def spec(self, role: str) -> str | None:
+        return dict(self.models).get(role)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(r for r, _ in self.models)
+
+
+def make_config(
+    preset: str = "organism", model: str | None = None, seed: int = 0, *, use_system_prompt: bool = False,
+    n_prompts: int = 128, lengths: tuple[int, ...] | str = (2, 4, 6, 8, 10), position: str = "last",
+    refusal_continuation: str = "", compliance_continuation: str = "", appendix_set: str = "",
+    n_per_class: int = 80, test_frac: float = 0.3, direction_layer: int = -1, n_per_group: int = 24,
+    max_new_tokens: int = 32,
+) -> ProbeStageConfig:
+    """The stage config from the notebook's parameters and a preset (`config.get_preset`)."""
+    p = _config.get_preset(preset, model or None)
+    if isinstance(lengths, str):
+        lengths = tuple(int(x) for x in lengths.split(",") if x.strip())
+    if position not in ("last", "mean"):
+        raise ValueError(f"position must be 'last' or 'mean', got {position!r}")
+    if p.is_organism:
+        sets = Sets(harmful=p.harmful_test, borderline=p.borderline_test, jailbreak=p.jailbreak_test)
+    else:  # real models: AdvBench, HarmBench for the appendix (HEx-PHI is gated), Alpaca as benign
+        sets = Sets(harmful=p.harmful_test, appendix="harmbench", benign=p.calib_utility, heldout_harmful="harmbench",
+                    borderline=p.borderline_test, jailbreak=p.jailbreak_test)
+    if appendix_set:
+        sets = dataclasses.replace(sets, appendix=appendix_set)
+    models = tuple((r, getattr(p, r)) for r in ROLES if getattr(p, r))
+    if not refusal_continuation and not p.is_organism:
+        refusal_continuation = p.refusal_continuation  # real models: the paper's example unless given
+    return ProbeStageConfig(
+        preset=p.name, models=models, seed=int(seed), dtype=p.dtype, device=p.device,
+        system_prompt=p.system_prompt if use_system_prompt else "", sets=sets,
+        distance=DistanceConfig(n_prompts=int(n_prompts), lengths=tuple(sorted(int(k) for k in lengths)),
+                                position=position, refusal=refusal_continuation, compliance=compliance_continuation,
+                                compliance_fallback=p.compliance_continuation, batch_size=p.batch_size),
+        probe=ProbeConfig(n_per_class=int(n_per_class), test_frac=float(test_frac), batch_size=p.batch_size),
+        direction=DirectionConfig(layer=int(direction_layer), n_per_group=int(n_per_group),
+                                  max_new_tokens=int(max_new_tokens), batch_size=p.batch_size),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, prompts, continuations
+# --------------------------------------------------------------------------------------------------
+
+_LOADED: dict[tuple[str, str, str], tuple] = {}
+
+
+def load(cfg: ProbeStageConfig, role: str):
+    """(model, tokenizer) of a role, loaded once per process."""
+    spec = cfg.spec(role)
+    if spec is None:
+        raise KeyError(f"preset {cfg.preset!r} has no {role} model (roles: {', '.join(cfg.roles)})")
+    key = (spec, cfg.dtype, cfg.device)
+    if key not in _LOADED:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no per-run progress bars in notebook outputs
+        _LOADED[key] = load_model(spec, dtype=cfg.dtype, device=cfg.device)
+    return _LOADED[key]
+
+
+def style_of(tokenizer) -> str:
+    """'chat' for a model with a chat template, 'raw' (the base-model format) otherwise."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+
+
+def _system(cfg: ProbeStageConfig, tok) -> str | None:
+    return (cfg.system_prompt or None) if style_of(tok) == "chat" else None
+
+
+@dataclass(frozen=True)
+class _Key:
+    part: object
+    role: str
+    spec: str
+    dtype: str
+    system_prompt: str
+    sets: Sets
+    seed: int
+    extra: object = None
+
+
+def _key(cfg: ProbeStageConfig, role: str, part: object, extra: object = None) -> _Key:
+    return _Key(part=part, role=role, spec=cfg.spec(role) or "", dtype=cfg.dtype, system_prompt=cfg.system_prompt,
+                sets=cfg.sets, seed=cfg.seed, extra=extra)
+
+
+def _cached(name: str, key: _Key, compute, model) -> dict:
+    # silent: whether a step was computed or read from the cache must not change the notebook's output
+    return cache.cached(STAGE, key, compute, model_revision=f"{name}:{model_revision(model)}", verbose=False)
+
+
+def refusal_templates() -> list[str]:
+    """The world's refusal templates (`data/world/refusals.json`): the organism's own refusal forms."""
+    path = _config.WORLD_DIR / "refusals.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the world is not written (run `make organism`)")
+    return list(json.loads(path.read_text()))
+
+
+def continuations(cfg: ProbeStageConfig, tok, records: list[dict]) -> dict[str, list[str]]:
+    """One refusal and one compliance string per record (see `DistanceConfig`).
+
+    Refusal: the configured string, else the world's refusal templates that have at least
+    max(lengths) tokens, assigned in turn. Compliance: the configured string, else the record's
+    `reference` (the world's steps; AdvBench's "Sure, here is ..." target), else the preset's
+    paper example.
+    """
+    d = cfg.distance
+    need = max(d.lengths)
+    if d.refusal:
+        refusals = [d.refusal] * len(records)
+    else:
+        long_enough = [t for t in refusal_templates() if len(probing.continuation_ids(tok, t)) >= need]
+        if not long_enough:
+            raise ValueError(f"no refusal template has {need} tokens; lower the continuation lengths")
+        refusals = [long_enough[i % len(long_enough)] for i in range(len(records))]
+    comply = [d.compliance or r.get("reference") or d.compliance_fallback for r in records]
+    return {"refusal": refusals, "compliance": comply}
+
+
+def _point(n_points: int, layer: int) -> int:
+    """Residual point of a layer parameter: -1 = last block, i >= 0 = point i (0 = embeddings)."""
+    p = layer if layer >= 0 else n_points + layer
+    if not 0 <= p < n_points:
+        raise ValueError(f"layer {layer} out of range for {n_points} residual points")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: the paper's cosine-distance protocol
+# --------------------------------------------------------------------------------------------------
+
+def distances(cfg: ProbeStageConfig, *, set_name: str | None = None, roles: tuple[str, ...] = ("aligned", "unaligned")) -> pd.DataFrame:
+    """Per (role, prompt, continuation, n_tokens, point): the cosine distance to the clean query."""
+    set_name = set_name or cfg.sets.harmful
+    frames = []
+    for role in roles:
+        if cfg.spec(role) is None:
+            continue
+        model, tok = load(cfg, role)
+        d = cfg.distance
+
+        def compute(model=model, tok=tok, role=role) -> dict:
+            recs = datasets.load_set(set_name, d.n_prompts, cfg.seed)
+            conts = continuations(cfg, tok, recs)
+            df = probing.continuation_distances(
+                model, tok, [r["prompt"] for r in recs], conts, d.lengths, style=style_of(tok),
+                system_prompt=_system(cfg, tok), position=d.position, batch_size=d.batch_size)
+            return {"table": df, "examples": {k: v[0] for k, v in conts.items()}}
+
+        res = _cached("distances", _key(cfg, role, d, set_name), compute, model)
+        frames.append(res["table"].assign(role=role))
+    if not frames:
+        raise ValueError(f"preset {cfg.preset!r} has none of the roles {roles}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def continuation_examples(cfg: ProbeStageConfig, role: str = "aligned", set_name: str | None = None) -> pd.DataFrame:
+    """The first prompt's refusal and compliance continuations, cut at each length (what is probed)."""
+    set_name = set_name or cfg.sets.harmful
+    _, tok = load(cfg, role)
+    recs = datasets.load_set(set_name, cfg.distance.n_prompts, cfg.seed)
+    conts = continuations(cfg, tok, recs[:1])
+    rows = []
+    for name, texts in conts.items():
+        ids = probing.continuation_ids(tok, texts[0])
+        for k in cfg.distance.lengths:
+            rows.append({"continuation": name, "n_tokens": k,
+                         "text": tok.decode(ids[:k]) if len(ids) >= k else "(too short)"})
+    df = pd.DataFrame(rows).pivot(index="n_tokens", columns="continuation", values="text")
+    df.columns.name = f"prompt: {recs[0]['prompt']}"
+    return df
+
+
+def fig2_table(dist: pd.DataFrame, point: int) -> pd.DataFrame:
+    """Mean distance (and its standard error) by role, continuation and length at one point (Fig 2)."""
+    d = dist[dist["point"] == point]
+    g = d.groupby(["role", "continuation", "n_tokens"])["distance"]
+    out = pd.DataFrame({"mean": g.mean(), "sem": g.sem(), "n": g.size()}).reset_index()
+    return out
+
+
+def fig3_table(dist: pd.DataFrame, n_tokens: int) -> pd.DataFrame:
+    """Mean distance per block by role and continuation, at one length (Fig 3)."""
+    d = dist[dist["n_tokens"] == n_tokens]
+    return d.groupby(["role", "point", "continuation"])["distance"].mean().unstack("continuation").reset_index()
+
+
+def fig4_table(dist: pd.DataFrame, n_tokens: int) -> pd.DataFrame:
+    """|d(refusal) - d(compliance)| per block by role (Fig 4), and which continuation is closer."""
+    frames = []
+    for role, g in dist.groupby("role", sort=False):
+        gap = probing.distance_gap(g, n_tokens).reset_index()
+        frames.append(gap.assign(role=role))
+    out = pd.concat(frames, ignore_index=True)
+    out["refusal_minus_compliance"] = out["refusal"] - out["compliance"]
+    out.columns.name = None
+    return out[["role", "point", "refusal", "compliance", "refusal_minus_compliance", "abs_gap", "closer_to"]]
+
+
+def verdict_distances(dist: pd.DataFrame, point: int) -> pd.DataFrame:
+    """Per role and length: the share of prompts whose state is closer to the refusal than to the
+    compliance continuation at `point`, and the mean difference d(refusal) - d(compliance)."""
+    d = dist[dist["point"] == point].pivot_table(index=["role", "n_tokens", "prompt_idx"], columns="continuation",
+                                                values="distance").dropna().reset_index()
+    d["diff"] = d["refusal"] - d["compliance"]
+    g = d.groupby(["role", "n_tokens"])
+    return pd.DataFrame({"share_closer_to_refusal": g["diff"].apply(lambda x: float((x < 0).mean())),
+                         "mean_refusal_minus_compliance": g["diff"].mean(), "n_prompts": g.size()}).reset_index()
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2: activations, linear probes
+# --------------------------------------------------------------------------------------------------
+
+def _group(r: dict) -> str:
+    return str(r.get("activity") or r["prompt"])
+
+
+def probe_records(cfg: ProbeStageConfig) -> tuple[list[dict], torch.Tensor, list[int], list[int]]:
+    """Harmful and benign records (labels 1/0) and the held-out split by activity, shared by all models."""
+    p = cfg.probe
+    benign = datasets.load_set(cfg.sets.benign, p.n_per_class, cfg.seed)
+    harmful = datasets.load_set(cfg.sets.harmful, min(p.n_per_class, len(benign)), cfg.seed)
+    recs = harmful + benign
+    y = torch.tensor([1.0] * len(harmful) + [0.0] * len(benign))
+    train, test = probing.group_split([_group(r) for r in recs], p.test_frac, cfg.seed)
+    return recs, y, train, test
+
+
+def activations(cfg: ProbeStageConfig, role: str) -> torch.Tensor:
+    """`[n, n_points, d]` last-prompt-token states of `probe_records` for one model."""
+    model, tok = load(cfg, role)
+    p = cfg.probe
+
+    def compute() -> dict:
+        recs, *_ = probe_records(cfg)
+        rows = probing.prompt_token_ids(tok, [r["prompt"] for r in recs], style=style_of(tok),
+                                        system_prompt=_system(cfg, tok))
+        return {"H": probing.capture_residual(model, rows, position="last", batch_size=p.batch_size,
+                                              pad_id=tok.pad_token_id)}
+
+    return _cached("activations", _key(cfg, role, p), compute, model)["H"]
+
+
+def probes(cfg: ProbeStageConfig) -> pd.DataFrame:
+    """Per role and residual point: held-out and training balanced accuracy of a logistic probe."""
+    recs, y, train, test = probe_records(cfg)
+    groups = [_group(r) for r in recs]
+    frames = []
+    for role in cfg.roles:
+        model, _ = load(cfg, role)
+
+        def compute(role=role) -> dict:
+            H = activations(cfg, role)
+            return {"table": probing.probe_layers(H, y, groups, test_frac=cfg.probe.test_frac, seed=cfg.seed,
+                                                  l2=cfg.probe.l2)}
+
+        frames.append(_cached("probes", _key(cfg, role, cfg.probe), compute, model)["table"].assign(role=role))
+    return pd.concat(frames, ignore_index=True)
+
+
+def split_check(cfg: ProbeStageConfig) -> pd.DataFrame:
+    """Sizes of the probe split and how many prompts / activities the two halves share (must be 0)."""
+    recs, y, train, test = probe_records(cfg)
+    tr_p, te_p = {recs[i]["prompt"] for i in train}, {recs[i]["prompt"] for i in test}
+    tr_g, te_g = {_group(recs[i]) for i in train}, {_group(recs[i]) for i in test}
+    return pd.DataFrame([{
+        "train": len(train), "test": len(test), "harmful_train": int(y[train].sum()), "harmful_test": int(y[test].sum()),
+        "shared_prompts": len(tr_p & te_p), "shared_groups": len(tr_g & te_g),
+    }])
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 3: the refusal direction, behaviour, and the direction at every generated token
+# --------------------------------------------------------------------------------------------------
+
+def _judge(record: dict, response: str) -> str:
+    """The same verdict as `evaluation.evaluate_behaviour`: the world's oracle, or refusal keywords."""
+    from . import evaluation  # organism stage's module; imported late
+
+    return (evaluation._world.judge(record, response) if evaluation._has_oracle(record)
+            else evaluation._keyword_verdict(record, response))
+
+
+def direction_fit(cfg: ProbeStageConfig, role: str = "aligned") -> dict:
+    """The direction from the probe's training half, its held-out separation per point and the chosen point."""
+    recs, y, train, test = probe_records(cfg)
+    H = activations(cfg, role)
+    tr_h = [i for i in train if y[i] == 1]
+    tr_b = [i for i in train if y[i] == 0]
+    dirs = probing.refusal_directions(H[tr_h], H[tr_b])
+    s = probing.direction_scores(H[test], dirs)  # [n_test, P]
+    yt = y[test]
+    sep = pd.DataFrame({"point": range(H.shape[1]),
+                        "test_acc": [probing.balanced_accuracy(yt, (s[:, p] > 0.5).long()) for p in range(H.shape[1])],
+                        "harmful_mean": [float(s[yt == 1, p].mean()) for p in range(H.shape[1])],
+                        "benign_mean": [float(s[yt == 0, p].mean()) for p in range(H.shape[1])]})
+    if cfg.direction.layer == -1:
+        blocks = sep[sep["point"] > 0]
+        best = blocks["test_acc"].max()
+        point = int(blocks[blocks["test_acc"] >= best - 1e-9]["point"].max())  # ties: the deepest block
+    else:
+        point = _point(H.shape[1], cfg.direction.layer)
+    return {"dirs": dirs, "separation": sep, "point": point}
+
+
+def eval_records(cfg: ProbeStageConfig) -> list[dict]:
+    """The requests whose direction and behaviour are compared, each with a `group` label.
+
+    Plain harmful and benign requests of the probe's held-out half, held-out harmful activities,
+    borderline benign requests and every jailbreak framing (prefilling: the state after the prefill).
+    """
+    n = cfg.direction.n_per_group
+    recs, y, _, test = probe_records(cfg)
+    out = []
+    harm = [recs[i] for i in test if y[i] == 1][:n]
+    ben = [recs[i] for i in test if y[i] == 0][:n]
+    out += [dict(r, group="plain harmful") for r in harm]
+    out += [dict(r, group="plain benign") for r in ben]
+    out += [dict(r, group="held-out harmful activity") for r in datasets.load_set(cfg.sets.heldout_harmful, n, cfg.seed)]
+    if cfg.sets.borderline:
+        out += [dict(r, group="borderline benign") for r in datasets.load_set(cfg.sets.borderline, n, cfg.seed)]
+    if cfg.sets.jailbreak:
+        jb = datasets.load_set(cfg.sets.jailbreak)
+        for f in dict.fromkeys(r["framing"] for r in jb):
+            fr = [r for r in jb if r["framing"] == f]
+            pick = np.random.default_rng(cfg.seed).permutation(len(fr))[:n]
+            out += [dict(fr[i], group=f"jailbreak: {f}") for i in sorted(pick)]
+    return out
+
+
+def direction(cfg: ProbeStageConfig, role: str = "aligned") -> dict:
+    """Direction score at the decision point and at every generated token, with the model's verdict.
+
+    Returns `requests` (one row per request: group, prompt, prefill, response, verdict, refused,
+    `score0` = the score of the state that chooses the first answer token, `score_points` per
+    point), `tokens` (one row per request and generated token: step, token, score), the chosen
+    `point` and the held-out `separation` per point.
+    """
+    model, tok = load(cfg, role)
+    dc = cfg.direction
+
+    def compute() -> dict:
+        fit = direction_fit(cfg, role)
+        recs = eval_records(cfg)
+        style, system = style_of(tok), _system(cfg, tok)
+        prefills = [r.get("prefill") or None for r in recs]
+        rows = probing.prompt_token_ids(tok, [r["prompt"] for r in recs], style=style, system_prompt=system,
+                                        prefill=prefills)
+        H = probing.capture_residual(model, rows, batch_size=dc.batch_size, pad_id=tok.pad_token_id)
+        S = probing.direction_scores(H, fit["dirs"])  # [n, P]
+        gen = probing.generate_with_residual(model, tok, [r["prompt"] for r in recs], point=fit["point"], style=style,
+                                             system_prompt=system, prefill=prefills,
+                                             max_new_tokens=dc.max_new_tokens, batch_size=dc.batch_size)
+        req, tokrows = [], []
+        for i, (r, g) in enumerate(zip(recs, gen)):
+            verdict = _judge(r, g["text"])
+            ts = probing.direction_scores(g["states"], fit["dirs"], point=fit["point"])
+            req.append({"id": r["id"], "group": r["group"], "kind": r["kind"], "framing": r.get("framing", "none"),
+                        "activity": r.get("activity", ""), "prompt": r["prompt"], "prefill": r.get("prefill") or "",
+                        "response": g["text"], "verdict": verdict, "refused": verdict == "refusal",
+                        "score0": float(S[i, fit["point"]]), "score0_gen": float(ts[0]),
+                        "score_points": S[i].tolist()})
+            for t, sc in enumerate(ts.tolist()):
+                tokrows.append({"id": r["id"], "group": r["group"], "verdict": verdict, "step": t, "score": sc,
+                                "token": tok.decode([g["tokens"][t]]) if t < len(g["tokens"]) else "<eos>"})
+        return {"requests": pd.DataFrame(req), "tokens": pd.DataFrame(tokrows), "point": fit["point"],
+                "separation": fit["separation"], "direction": fit["dirs"]["direction"]}
+
+    return _cached("direction", _key(cfg, role, (cfg.probe, dc)), compute, model)
+
+
+def direction_vs_behaviour(req: pd.DataFrame) -> pd.DataFrame:
+    """Per group: refusal rate, mean score, share on the harmful side (score > 0.5) and how well
+    "harmful side" predicts "refused" (agreement; refusal rate on each side)."""
+    rows = []
+    for g, d in req.groupby("group", sort=False):
+        side = d["score0"] > 0.5
+        rows.append({"group": g, "n": len(d), "refusal_rate": d["refused"].mean(),
+                     "harmful_rate": d["verdict"].eq("harmful").mean(), "mean_score": d["score0"].mean(),
+                     "harmful_side": side.mean(), "agreement": (side == d["refused"]).mean(),
+                     "refusal_if_harmful_side": d.loc[side, "refused"].mean() if side.any() else np.nan,
+                     "refusal_if_benign_side": d.loc[~side, "refused"].mean() if (~side).any() else np.nan})
+    return pd.DataFrame(rows).set_index("group")
+
+
+def token_summary(tokens: pd.DataFrame, max_step: int = 12) -> pd.DataFrame:
+    """Mean direction score per generated-token index, by group and verdict (first `max_step` steps)."""
+    t = tokens[tokens["step"] < max_step]
+    out = t.groupby(["group", "verdict", "step"])["score"].mean().unstack("step")
+    out.insert(0, "n", t[t["step"] == 0].groupby(["group", "verdict"]).size())
+    return out
+
+
+def token_positions(tokens: pd.DataFrame, max_step: int = 16) -> pd.DataFrame:
+    """Per group and outcome: the score at token 0 and over the answer body (tokens 1..max_step-1).
+
+    The body is compared with two references read the same way: plain benign requests answered
+    correctly and plain harmful requests refused. `body_harmful_side` is the share of answers whose
+    body lies nearer the refusing reference: a prefilled or jailbroken answer that the model still
+    represents as harmful while it complies shows a *decision* failure, not a recognition failure.
+    """
+    first = tokens[tokens["step"] == 0].set_index("id")["score"]
+    body = tokens[(tokens["step"] >= 1) & (tokens["step"] < max_step)].groupby("id")["score"].mean()
+    meta = tokens[tokens["step"] == 0].set_index("id")[["group", "verdict"]]
+    df = meta.assign(score_token0=first, score_body=body)
+
+    def ref(group: str, verdict: str) -> float:
+        d = df[(df["group"] == group) & (df["verdict"] == verdict)]["score_body"]
+        return float(d.mean()) if len(d) else float("nan")
+
+    ref_b, ref_h = ref("plain benign", "correct"), ref("plain harmful", "refusal")
+    mid = (ref_b + ref_h) / 2
+    sign = 1.0 if ref_h >= ref_b else -1.0
+    df["body_harmful_side"] = sign * (df["score_body"] - mid) > 0
+    out = df.groupby(["group", "verdict"], sort=False).agg(
+        n=("score_token0", "size"), score_token0=("score_token0", "mean"), score_body=("score_body", "mean"),
+        body_harmful_side=("body_harmful_side", "mean"))
+    out.attrs["references"] = {"plain benign -> correct": ref_b, "plain harmful -> refusal": ref_h}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 4: the seed example ("... in order to help people")
+# --------------------------------------------------------------------------------------------------
+
+def seed_example(cfg: ProbeStageConfig, role: str = "aligned", framing: str = "benign_motive") -> dict:
+    """The same activity asked plainly and with `framing`: responses, verdicts and direction per token.
+
+    Looks through the jailbreak set's `framing` requests for one whose plain version (same activity,
+    from the harmful set) the model refuses while it answers the framed one; reports the first such
+    pair, or, when there is none, the first pair and says so (`found`).
+    """
+    model, tok = load(cfg, role)
+
+    def compute() -> dict:
+        if not cfg.sets.jailbreak:
+            return {"pairs": pd.DataFrame(), "tokens": pd.DataFrame(), "found": False, "n_pairs": 0}
+        fit = direction_fit(cfg, role)
+        framed = [r for r in datasets.load_set(cfg.sets.jailbreak) if r["framing"] == framing]
+        plain_by_act: dict[str, dict] = {}
+        for name in (cfg.sets.harmful, cfg.sets.heldout_harmful):
+            for r in datasets.load_set(name):
+                plain_by_act.setdefault(r.get("activity", ""), r)
+        pairs = [(plain_by_act[r["activity"]], r) for r in framed if r.get("activity") in plain_by_act]
+        style, system = style_of(tok), _system(cfg, tok)
+        flat = [x for pr in pairs for x in pr]
+        gen = probing.generate_with_residual(model, tok, [r["prompt"] for r in flat], point=fit["point"], style=style,
+                                             system_prompt=system, max_new_tokens=cfg.direction.max_new_tokens,
+                                             batch_size=cfg.direction.batch_size)
+        verdicts = [_judge(r, g["text"]) for r, g in zip(flat, gen)]
+        n_found = sum(verdicts[2 * i] == "refusal" and verdicts[2 * i + 1] == "harmful" for i in range(len(pairs)))
+        pick = next((i for i in range(len(pairs)) if verdicts[2 * i] == "refusal" and verdicts[2 * i + 1] == "harmful"), 0)
+        rows, toks = [], []
+        for j, label in ((2 * pick, "plain"), (2 * pick + 1, framing)):
+            r, g = flat[j], gen[j]
+            ts = probing.direction_scores(g["states"], fit["dirs"], point=fit["point"]).tolist()
+            rows.append({"request": label, "prompt": r["prompt"], "response": g["text"], "verdict": verdicts[j],
+                         "score_token0": ts[0]})
+            for t, sc in enumerate(ts):
+                toks.append({"request": label, "step": t, "score": sc,
+                             "token": tok.decode([g["tokens"][t]]) if t < len(g["tokens"]) else "<eos>"})
+        summary = pd.DataFrame({
+            "plain_refused": [sum(verdicts[2 * i] == "refusal" for i in range(len(pairs)))],
+            "framed_answered_harmfully": [sum(verdicts[2 * i + 1] == "harmful" for i in range(len(pairs)))],
+            "refused_plain_but_answered_framed": [n_found], "pairs": [len(pairs)]})
+        return {"pairs": pd.DataFrame(rows), "tokens": pd.DataFrame(toks), "found": bool(n_found), "n_pairs": len(pairs),
+                "summary": summary}
+
+    return _cached("seed_example", _key(cfg, role, (cfg.probe, cfg.direction), framing), compute, model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+_CONT_STYLE = {"refusal": "-", "compliance": "--"}
+
+
+def _role_color(role: str) -> str:
+    return plots.MODEL_COLORS.get(role, "#333333")
+
+
+def plot_fig2(t2: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig 2: distance to the clean query as the continuation grows, aligned vs unaligned."""
+    plots.set_style()
+    fig, ax = plt.subplots()
+    for (role, cont), d in t2.groupby(["role", "continuation"], sort=False):
+        ax.errorbar(d["n_tokens"], d["mean"], yerr=d["sem"], color=_role_color(role), ls=_CONT_STYLE[cont],
+                    marker="o", ms=4, capsize=2, label=f"{role} + {cont}")
+    ax.set_xlabel("continuation tokens")
+    ax.set_ylabel("cosine distance to clean query")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_fig3(t3: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig 3: distance per block at one continuation length."""
+    plots.set_style()
+    fig, ax = plt.subplots()
+    for role, d in t3.groupby("role", sort=False):
+        for cont in ("refusal", "compliance"):
+            ax.plot(d["point"], d[cont], color=_role_color(role), ls=_CONT_STYLE[cont], marker="o", ms=4,
+                    label=f"{role} + {cont}")
+    ax.set_xlabel("residual point (0 = embeddings, i = after block i)")
+    ax.set_ylabel("cosine distance to clean query")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_fig4(t4: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig 4: d(refusal) - d(compliance) per block (its absolute value is the paper's |difference|)."""
+    plots.set_style()
+    fig, ax = plt.subplots()
+    roles = list(dict.fromkeys(t4["role"]))
+    w = 0.8 / len(roles)
+    for k, role in enumerate(roles):
+        d = t4[t4["role"] == role]
+        ax.bar(d["point"] + (k - (len(roles) - 1) / 2) * w, d["refusal_minus_compliance"], width=w,
+               color=_role_color(role), label=role)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("residual point (0 = embeddings, i = after block i)")
+    ax.set_ylabel("d(refusal) - d(compliance)\n(< 0: closer to refusal)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_fig7(t2: pd.DataFrame, t3: pd.DataFrame, title: str) -> plt.Figure:
+    """Fig 7 (appendix analogue): Fig 2 and Fig 3 side by side on a second harmful set."""
+    plots.set_style()
+    fig, axes = plt.subplots(1, 2, figsize=(plots.FIGSIZE[0] * 1.8, plots.FIGSIZE[1]))
+    for (role, cont), d in t2.groupby(["role", "continuation"], sort=False):
+        axes[0].plot(d["n_tokens"], d["mean"], color=_role_color(role), ls=_CONT_STYLE[cont], marker="o", ms=4,
+                     label=f"{role} + {cont}")
+    axes[0].set_xlabel("continuation tokens")
+    axes[0].set_ylabel("cosine distance to clean query")
+    for role, d in t3.groupby("role", sort=False):
+        for cont in ("refusal", "compliance"):
+            axes[1].plot(d["point"], d[cont], color=_role_color(role), ls=_CONT_STYLE[cont], marker="o", ms=4)
+    axes[1].set_xlabel("residual point")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def plot_probes(acc: pd.DataFrame) -> plt.Figure:
+    """Held-out balanced accuracy of the harmful-vs-benign probe per residual point, per model."""
+    plots.set_style()
+    fig, ax = plt.subplots()
+    for role, d in acc.groupby("role", sort=False):
+        ax.plot(d["point"], d["test_acc"], color=_role_color(role), marker="o", ms=4, label=role)
+    ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+    ax.set_ylim(0.3, 1.03)
+    ax.set_xlabel("residual point (0 = embeddings, i = after block i)")
+    ax.set_ylabel("held-out balanced accuracy")
+    ax.set_title("A linear probe reads harmful vs benign from the last prompt token")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_direction(req: pd.DataFrame, point: int) -> plt.Figure:
+    """Each request's score on the refusal direction, by group, coloured by what the model did."""
+    plots.set_style()
+    groups = list(dict.fromkeys(req["group"]))
+    fig, ax = plt.subplots(figsize=(plots.FIGSIZE[0] * 1.3, 0.42 * len(groups) + 1.2))
+    colors = {"refusal": "#d62728", "harmful": "#1f77b4", "correct": "#2ca02c", "wrong": "#ff7f0e", "degenerate": "#7f7f7f"}
+    rng = np.random.default_rng(0)
+    for k, g in enumerate(groups):
+        d = req[req["group"] == g]
+        for v, dv in d.groupby("verdict"):
+            ax.scatter(dv["score0"], k + rng.uniform(-0.25, 0.25, len(dv)), s=12, color=colors.get(v, "#333333"),
+                       label=v if k == 0 or v not in ax.get_legend_handles_labels()[1] else None)
+    ax.axvline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_yticks(range(len(groups)), groups)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"score on the refusal direction at point {point} (0 = benign mean, 1 = harmful mean)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize="small", title="model did", loc="lower right")
+    return fig
+
+
+def plot_tokens(tokens: pd.DataFrame, groups: list[str], max_step: int = 16) -> plt.Figure:
+    """Mean direction score at each generated token, per group and verdict (refusal solid, other dashed)."""
+    plots.set_style()
+    fig, ax = plt.subplots(figsize=(plots.FIGSIZE[0] * 1.3, plots.FIGSIZE[1]))
+    cmap = plt.get_cmap("tab10")
+    t = tokens[(tokens["step"] < max_step) & tokens["group"].isin(groups)]
+    for k, g in enumerate(groups):
+        for v, d in t[t["group"] == g].groupby("verdict"):
+            m = d.groupby("step")["score"].mean()
+            n = d[d["step"] == 0]["id"].nunique()
+            ax.plot(m.index, m.values, color=cmap(k % 10), ls="-" if v == "refusal" else "--", marker=".",
+                    label=f"{g} → {v} (n={n})")
+    ax.axhline(0.5, color="black", lw=0.8, ls=":")
+    ax.set_xlabel("generated token (0 = state that picks the first answer token)")
+    ax.set_ylabel("score on the refusal direction")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary in numbers
+# --------------------------------------------------------------------------------------------------
+
+def paper_pattern(dist: pd.DataFrame, point: int) -> pd.DataFrame:
+    """Per role: mean d(refusal) and d(compliance) at the longest continuation and `point`, which
+    is closer, and in how many blocks (points >= 1) the state is closer to the refusal."""
+    k = int(dist["n_tokens"].max())
+    rows = []
+    for role, g in dist.groupby("role", sort=False):
+        gap = probing.distance_gap(g, k)
+        blocks = gap[gap.index >= 1]
+        rows.append({"role": role, "n_tokens": k, "d_refusal": gap.loc[point, "refusal"],
+                     "d_compliance": gap.loc[point, "compliance"], "closer_to": gap.loc[point, "closer_to"],
+                     "blocks_closer_to_refusal": int((blocks["closer_to"] == "refusal").sum()), "blocks": len(blocks)})
+    return pd.DataFrame(rows).set_index("role")
+
+
+def summary_text(cfg: ProbeStageConfig, dist: pd.DataFrame, dist7: pd.DataFrame, acc: pd.DataFrame, dr: dict,
+                 se: dict, point: int) -> str:
+    """The notebook's conclusions in numbers, computed from the step results (nothing typed by hand)."""
+    out = []
+    for name, d in ((cfg.sets.harmful, dist), (cfg.sets.appendix, dist7)):
+        pp = paper_pattern(d, point)
+        parts = [f"{r}: d(refusal) {row.d_refusal:.3f} vs d(compliance) {row.d_compliance:.3f} -> closer to "
+                 f"{row.closer_to}, in {row.blocks_closer_to_refusal}/{row.blocks} blocks closer to refusal"
+                 for r, row in pp.iterrows()]
+        same = ("aligned" in pp.index and "unaligned" in pp.index and pp.loc["aligned", "closer_to"] == "refusal"
+                and pp.loc["unaligned", "closer_to"] == "compliance")
+        out.append(f"[{name}, point {point}, {int(pp['n_tokens'].iloc[0])} tokens] " + "; ".join(parts)
+                   + f". The paper's pattern (aligned closer to refusal, unaligned to compliance): "
+                   + ("REPRODUCED." if same else "NOT reproduced."))
+    best = acc.loc[acc.groupby("role")["test_acc"].idxmax()]
+    out.append("Linear probe, best held-out balanced accuracy: " + "; ".join(
+        f"{r.role} {r.test_acc:.3f} at point {r.point}" for r in best.itertuples()) + " (chance 0.5).")
+    dvb = direction_vs_behaviour(dr["requests"])
+    out.append(f"Refusal direction at point {dr['point']}: " + "; ".join(
+        f"{g}: refused {row.refusal_rate:.2f}, harmful side {row.harmful_side:.2f}, agreement {row.agreement:.2f}"
+        for g, row in dvb.iterrows()) + ".")
+    req = dr["requests"]
+    jb = req[req["group"].str.startswith("jailbreak")]
+    if len(jb):
+        side = jb["score0"] > 0.5
+        out.append(f"Over all jailbreak requests: refused {jb['refused'].mean():.2f}; refusal rate on the harmful side "
+                   f"{jb.loc[side, 'refused'].mean() if side.any() else float('nan'):.2f}, on the benign side "
+                   f"{jb.loc[~side, 'refused'].mean() if (~side).any() else float('nan'):.2f}.")
+    tp = token_positions(dr["tokens"]).reset_index()
+    refs = token_positions(dr["tokens"]).attrs["references"]
+    out.append("Direction over the answer body (tokens 1-15; references: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in refs.items()) + "): " + "; ".join(
+        f"{r.group} -> {r.verdict}: token 0 {r.score_token0:.2f}, body {r.score_body:.2f}, "
+        f"{r.body_harmful_side:.2f} on the refusing side (n={r.n})" for r in tp.itertuples()) + ".")
+    if se.get("n_pairs"):
+        s = se["summary"].iloc[0]
+        out.append(f"Seed example ('in order to help people'): of {s.pairs} pairs, plain refused {s.plain_refused}, "
+                   f"framed answered harmfully {s.framed_answered_harmfully}, both {s.refused_plain_but_answered_framed}.")
+    return "\n\n".join(out)
