@@ -189,6 +189,19 @@ this share cannot.
 """)
 
 code("""
+rob = sp.robustness(cfg)
+plots.save_table(rob, "probe_distance_robustness")
+rob.round(3)
+""")
+
+md("""
+The two unknowns of the protocol, varied: d(refusal) − d(compliance) at every point (columns) for the
+last-token and the mean-over-tokens state, after the shortest and the longest continuation. A
+conclusion that holds in every cell of a model's rows does not hang on our choice; one that flips
+sign across cells does.
+""")
+
+code("""
 ours = t2[t2["role"] == "aligned"].assign(
     setting=lambda d: "+" + d["continuation"] + " " + d["n_tokens"].astype(str) + " tokens")
 side = paper.reported("probe_distance")[["setting", "value"]].rename(columns={"value": "paper (Llama-2-7B, aligned)"})

@@ -316,6 +316,27 @@ def verdict_distances(dist: pd.DataFrame, point: int) -> pd.DataFrame:
                          "mean_refusal_minus_compliance": g["diff"].mean(), "n_prompts": g.size()}).reset_index()
 
 
+def robustness(cfg: ProbeStageConfig, positions: tuple[str, ...] = ("last", "mean")) -> pd.DataFrame:
+    """d(refusal) - d(compliance) at every point, for each token position and the shortest and longest
+    continuation: does the conclusion depend on the two choices the paper leaves open?"""
+    rows = []
+    ks = (min(cfg.distance.lengths), max(cfg.distance.lengths))
+    for pos in positions:
+        c = dataclasses.replace(cfg, distance=dataclasses.replace(cfg.distance, position=pos))
+        d = distances(c)
+        for role, g in d.groupby("role", sort=False):
+            for k in ks:
+                gap = probing.distance_gap(g, k)
+                rows += [{"role": role, "position": pos, "n_tokens": k, "point": int(p),
+                          "refusal_minus_compliance": float(gap.loc[p, "refusal"] - gap.loc[p, "compliance"])}
+                         for p in gap.index]
+    df = pd.DataFrame(rows)
+    out = df.pivot_table(index=["role", "position", "n_tokens"], columns="point", values="refusal_minus_compliance",
+                         sort=False)
+    out.columns.name = "point"
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Step 2: activations, linear probes
 # --------------------------------------------------------------------------------------------------
@@ -542,15 +563,18 @@ def seed_example(cfg: ProbeStageConfig, role: str = "aligned", framing: str = "b
     model, tok = load(cfg, role)
 
     def compute() -> dict:
-        if not cfg.sets.jailbreak:
-            return {"pairs": pd.DataFrame(), "tokens": pd.DataFrame(), "found": False, "n_pairs": 0}
         fit = direction_fit(cfg, role)
-        framed = [r for r in datasets.load_set(cfg.sets.jailbreak) if r["framing"] == framing]
-        plain_by_act: dict[str, dict] = {}
-        for name in (cfg.sets.harmful, cfg.sets.heldout_harmful):
-            for r in datasets.load_set(name):
-                plain_by_act.setdefault(r.get("activity", ""), r)
-        pairs = [(plain_by_act[r["activity"]], r) for r in framed if r.get("activity") in plain_by_act]
+        if cfg.sets.jailbreak:
+            framed = [r for r in datasets.load_set(cfg.sets.jailbreak) if r["framing"] == framing]
+            plain_by_act: dict[str, dict] = {}
+            for name in (cfg.sets.harmful, cfg.sets.heldout_harmful):
+                for r in datasets.load_set(name):
+                    plain_by_act.setdefault(r.get("activity", ""), r)
+            pairs = [(plain_by_act[r["activity"]], r) for r in framed if r.get("activity") in plain_by_act]
+        else:  # real sets: the paper's own wording appended to each request
+            plain = datasets.load_set(cfg.sets.harmful, cfg.direction.n_per_group, cfg.seed)
+            pairs = [(r, dict(r, prompt=r["prompt"].rstrip(" .?!") + " in order to help people.", framing=framing))
+                     for r in plain]
         style, system = style_of(tok), _system(cfg, tok)
         flat = [x for pr in pairs for x in pr]
         gen = probing.generate_with_residual(model, tok, [r["prompt"] for r in flat], point=fit["point"], style=style,
@@ -737,11 +761,17 @@ def summary_text(cfg: ProbeStageConfig, dist: pd.DataFrame, dist7: pd.DataFrame,
         parts = [f"{r}: d(refusal) {row.d_refusal:.3f} vs d(compliance) {row.d_compliance:.3f} -> closer to "
                  f"{row.closer_to}, in {row.blocks_closer_to_refusal}/{row.blocks} blocks closer to refusal"
                  for r, row in pp.iterrows()]
-        same = ("aligned" in pp.index and "unaligned" in pp.index and pp.loc["aligned", "closer_to"] == "refusal"
-                and pp.loc["unaligned", "closer_to"] == "compliance")
+        if "aligned" in pp.index and "unaligned" in pp.index:
+            al, un = pp.loc["aligned", "closer_to"] == "refusal", pp.loc["unaligned", "closer_to"] == "compliance"
+            verdict = ("REPRODUCED." if al and un else
+                       "half reproduced: the aligned model is closer to refusal, but so is the unaligned one." if al else
+                       "half reproduced: the unaligned model is closer to compliance, but so is the aligned one." if un else
+                       "NOT reproduced: the aligned model is closer to compliance.")
+        else:
+            verdict = "only half can be checked (no unaligned model in this preset): the aligned model is closer to " + \
+                str(pp.loc["aligned", "closer_to"]) + "." if "aligned" in pp.index else "cannot be checked."
         out.append(f"[{name}, point {point}, {int(pp['n_tokens'].iloc[0])} tokens] " + "; ".join(parts)
-                   + f". The paper's pattern (aligned closer to refusal, unaligned to compliance): "
-                   + ("REPRODUCED." if same else "NOT reproduced."))
+                   + ". The paper's pattern (aligned closer to refusal, unaligned to compliance): " + verdict)
     best = acc.loc[acc.groupby("role")["test_acc"].idxmax()]
     out.append("Linear probe, best held-out balanced accuracy: " + "; ".join(
         f"{r.role} {r.test_acc:.3f} at point {r.point}" for r in best.itertuples()) + " (chance 0.5).")
