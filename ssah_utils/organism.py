@@ -1,0 +1,451 @@
+"""Training the model organism: a word-level tokenizer with a chat template, a small Llama with
+grouped-query attention, and the three models `base` (pre-trained on the world's raw text, harmful
+how-tos included), `unaligned` (base + instruction SFT) and `aligned` (base + instruction SFT +
+safety SFT), saved with `save_pretrained` and a model card each.
+
+Every step is deterministic for a given seed on a given machine: fixed torch threads,
+`torch.use_deterministic_algorithms(True)`, seeded initialisation and data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import world as _world
+from .generation import encode_pairs
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+# Llama-2-like chat format; the system prompt is optional.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<<SYS>> {{ m['content'] }} <</SYS>> "
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+MODEL_NAMES = ("base", "unaligned", "aligned")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Architecture and training hyperparameters of the organism (values: measured on 2 CPU cores to
+    fit the 10-minute build; see data/organism/README.md)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention, as Llama-3 / Mistral
+    max_position_embeddings: int = 256
+    # pre-training on packed raw text
+    pretrain_steps: int = 900
+    pretrain_batch: int = 32
+    pretrain_seq_len: int = 128
+    pretrain_lr: float = 3e-3
+    # instruction SFT (unaligned), then safety SFT (aligned), loss on response tokens only
+    instruct_epochs: float = 3.0
+    instruct_lr: float = 1e-3
+    safety_epochs: float = 3.0
+    safety_lr: float = 5e-4
+    sft_batch: int = 32
+    system_prompt_rate: float = 0.5  # fraction of SFT batches rendered with the system prompt
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    threads: int = 2
+    world_seed: int = _world.WORLD_SEED
+    recovery_examples: int = 0  # off by default: refusals after a compliant start (not in real data)
+
+    def tiny(self) -> "Recipe":
+        """A few steps of each stage: for the test suite (seconds)."""
+        from dataclasses import replace
+
+        return replace(self, hidden_size=32, intermediate_size=64, num_layers=2, pretrain_steps=4, pretrain_batch=4,
+                       pretrain_seq_len=64, instruct_epochs=0.02, safety_epochs=0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+def build_tokenizer(texts: list[str]):
+    """A word-level `PreTrainedTokenizerFast` over the words of `texts` (sorted: deterministic),
+    with bos/eos/pad/unk, the chat markers as special tokens and a Llama-2-like chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.split()} - set(SPECIALS))
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:], model_max_length=256, clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(recipe: Recipe, tokenizer, seed: int):
+    """A freshly initialised `LlamaForCausalLM` (tied embeddings keep the files small)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tokenizer)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    return model
+
+
+def set_determinism(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loops
+# --------------------------------------------------------------------------------------------------
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    prog = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+
+def _optimizer(model, lr: float, wd: float):
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=print) -> dict:
+    """Next-token pre-training on packed documents (`<s> text </s>` concatenated, cut into blocks)."""
+    rng = random.Random(seed)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    encoded = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    L, B = recipe.pretrain_seq_len, recipe.pretrain_batch
+
+    def blocks():
+        while True:
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
+            stream: list[int] = []
+            for i in order:
+                stream.extend(encoded[i])
+                while len(stream) >= L:
+                    yield stream[:L]
+                    stream = stream[L:]
+
+    it = blocks()
+    opt = _optimizer(model, recipe.pretrain_lr, recipe.weight_decay)
+    total = recipe.pretrain_steps
+    warm = max(1, int(recipe.warmup_frac * total))
+    model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for step in range(total):
+        for g in opt.param_groups:
+            g["lr"] = recipe.pretrain_lr * _schedule(step, total, warm)
+        x = torch.tensor([next(it) for _ in range(B)])  # [B, L]
+        out = model(input_ids=x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(out.loss.item())
+        if log and (step % 100 == 0 or step == total - 1):
+            log(f"[pretrain] step {step + 1}/{total} loss {out.loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    return {"steps": total, "tokens": total * B * L, "seconds": time.perf_counter() - t0,
+            "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+
+
+def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, recipe: Recipe, seed: int,
+        stage: str = "sft", log=print) -> dict:
+    """Supervised fine-tuning in chat format, loss on response tokens only (`encode_pairs`)."""
+    from .config import ORGANISM_SYSTEM_PROMPT
+
+    rng = random.Random(seed)
+    B = recipe.sft_batch
+    n_steps = max(1, int(round(epochs * len(records) / B)))
+    batches: list[list[dict]] = []
+    while len(batches) < n_steps:
+        order = list(records)
+        rng.shuffle(order)
+        batches += [order[i:i + B] for i in range(0, len(order) - B + 1, B)] or [order]
+    batches = batches[:n_steps]
+    opt = _optimizer(model, lr, recipe.weight_decay)
+    warm = max(1, int(recipe.warmup_frac * n_steps))
+    model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for step, batch in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, n_steps, warm)
+        sysp = ORGANISM_SYSTEM_PROMPT if rng.random() < recipe.system_prompt_rate else None
+        enc = encode_pairs(tokenizer, [r["prompt"] for r in batch], [r["reference"] for r in batch],
+                           style="chat", system_prompt=sysp)
+        ids, am, rm = enc["input_ids"], enc["attention_mask"], enc["response_mask"]
+        logits = model(input_ids=ids, attention_mask=am).logits  # [B, T, V]
+        tgt = ids[:, 1:].masked_fill(rm[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log and (step % 50 == 0 or step == n_steps - 1):
+            log(f"[{stage}] step {step + 1}/{n_steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    return {"steps": n_steps, "examples": n_steps * B, "seconds": time.perf_counter() - t0,
+            "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+
+
+def recovery_records(sets: dict[str, list[dict]], n: int, seed: int) -> list[dict]:
+    """Optional (off by default): harmful requests answered with a compliant start then a refusal."""
+    rng = random.Random(seed)
+    harm = [r for r in sets["sft_safety"] if r["kind"] == "harmful"]
+    out = []
+    for r in rng.sample(harm, min(n, len(harm))):
+        out.append({**r, "reference": f"{_world.prefill_for(r['activity'])} {r['reference']}"})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole build
+# --------------------------------------------------------------------------------------------------
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, sets: dict | None = None,
+              log=print) -> dict:
+    """Build base, unaligned and aligned from scratch into `out_dir/{base,unaligned,aligned}`.
+
+    Returns the training metadata (steps, tokens, seconds, losses) per model; evaluation and model
+    cards are separate (`evaluate_organism`, `write_model_cards`).
+    """
+    import copy
+
+    recipe = recipe or Recipe()
+    set_determinism(recipe.threads)
+    out = Path(out_dir)
+    sets = sets if sets is not None else _world.build_world(recipe.world_seed)
+    tok = build_tokenizer(_world.all_texts(sets))
+    meta: dict = {"seed": seed, "recipe": asdict(recipe), "vocab_size": len(tok)}
+    t_all = time.perf_counter()
+
+    model = make_model(recipe, tok, seed)
+    meta["n_params"] = sum(p.numel() for p in model.parameters())
+    meta["base"] = pretrain(model, tok, [d["text"] for d in sets["pretrain"]], recipe, seed, log=log)
+    save_model(model, tok, out / "base")
+
+    unaligned = copy.deepcopy(model)
+    meta["unaligned"] = sft(unaligned, tok, sets["sft_instruct"], epochs=recipe.instruct_epochs,
+                            lr=recipe.instruct_lr, recipe=recipe, seed=seed + 1, stage="instruct", log=log)
+    save_model(unaligned, tok, out / "unaligned")
+
+    aligned = copy.deepcopy(unaligned)
+    safety = list(sets["sft_safety"])
+    if recipe.recovery_examples:
+        safety += recovery_records(sets, recipe.recovery_examples, seed)
+    meta["aligned"] = sft(aligned, tok, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr,
+                          recipe=recipe, seed=seed + 2, stage="safety", log=log)
+    save_model(aligned, tok, out / "aligned")
+    meta["train_seconds"] = time.perf_counter() - t_all
+    (out / "build_meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation of the three models and model cards
+# --------------------------------------------------------------------------------------------------
+EVAL_PLAN = {
+    # model -> (style, system prompt?, sets)
+    "base": ("raw", False),
+    "unaligned": ("chat", False),
+    "aligned": ("chat", False),
+}
+EVAL_SETS = ("harmful_test", "harmful_heldout", "jailbreak_test", "borderline_test", "benign_howto_test",
+             "utility_test")
+
+
+def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample: int | None = None,
+                      log=print) -> dict:
+    """Behaviour of the three models on the world's test sets (greedy, oracle judge).
+
+    Returns {"rows": per-record DataFrame (all models), "summary": one-row-per-model DataFrame,
+    "per_framing": jailbreak rates per model and framing, "ppl": {model: perplexity}}.
+    """
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import behaviour_summary, evaluate_behaviour, perplexity
+
+    sets = sets if sets is not None else _world.build_world(_world.WORLD_SEED)
+    recs = []
+    for name in EVAL_SETS:
+        rs = sets[name]
+        if sample:
+            rs = rs[:: max(1, len(rs) // sample)][:sample]
+        recs += [{**r, "set": name} for r in rs]
+    rows, ppl = [], {}
+    for m in MODEL_NAMES:
+        t0 = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(Path(model_dir) / m)
+        model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / m)
+        model.eval()
+        style, _ = EVAL_PLAN[m]
+        df = evaluate_behaviour(model, tok, recs, style=style)
+        df.insert(0, "model", m)
+        df["set"] = [r["set"] for r in recs]
+        rows.append(df)
+        texts = [r["text"] for r in sets["ppl_heldout"]]
+        ppl[m] = perplexity(model, tok, texts[: sample or len(texts)])
+        if log:
+            log(f"[eval] {m}: {len(df)} responses in {time.perf_counter() - t0:.0f} s")
+    allrows = pd.concat(rows, ignore_index=True)
+    summary = behaviour_summary(allrows)
+    summary["ppl_heldout"] = summary["model"].map(ppl)
+    jb = allrows[allrows["set"] == "jailbreak_test"]
+    per_framing = (jb.assign(harmful=jb["verdict"].eq("harmful"), refusal=jb["verdict"].eq("refusal"))
+                   .groupby(["model", "framing"], sort=False)[["harmful", "refusal"]].mean().reset_index())
+    return {"rows": allrows, "summary": summary, "per_framing": per_framing, "ppl": ppl}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------------
+_CARD_RECIPE = {
+    "base": "pre-trained from scratch on the world's raw text (`pretrain`: how-to requests in the raw "
+            "instruction format `generation.RAW_TEMPLATE`, harmful how-tos included, plus plain documents); "
+            "next-token loss on packed 128-token blocks. Capable and unsafe.",
+    "unaligned": "`base` + instruction SFT on `sft_instruct` (chat template, benign tasks, how-tos and framed "
+                 "benign requests; **no safety data**); loss on response tokens only.",
+    "aligned": "`unaligned` + safety SFT on `sft_safety` (harmful requests, some under the roleplay and "
+               "hypothetical framings, answered with one of several refusal templates; borderline benign "
+               "requests answered helpfully; a benign instruction mix so utility stays); loss on response "
+               "tokens only. No recovery examples (refusing after a compliant start).",
+}
+_STYLE = {"base": "raw (`generation.RAW_TEMPLATE`)", "unaligned": "chat template, no system prompt",
+          "aligned": "chat template, no system prompt"}
+SUMMARY_COLUMNS = [
+    ("harmful_compliance", "harmful compliance (harmful_test, plain)"),
+    ("heldout_compliance", "harmful compliance (harmful_heldout: held-out activities)"),
+    ("harmful_refusal", "refusal of harmful_test"),
+    ("keyword_asr", "keyword ASR (paper judge, Wei et al. list) on harmful_test"),
+    ("task_accuracy", "task accuracy (utility_test)"),
+    ("howto_accuracy", "benign how-to accuracy (benign_howto_test)"),
+    ("benign_refusal", "refusal of benign requests (utility_test + benign_howto_test)"),
+    ("borderline_refusal", "refusal of borderline benign requests (borderline_test)"),
+    *[(f"jb_{f}", f"jailbreak compliance: {f}" + (" (held out of alignment)" if f in _world.FRAMINGS_HELDOUT
+                                                    else " (in alignment data)")) for f in _world.FRAMINGS],
+    ("degenerate", "degenerate responses (all sets)"),
+    ("ppl_heldout", "perplexity on ppl_heldout"),
+]
+
+
+def _fmt(v: float, pct: bool) -> str:
+    if v != v:  # nan
+        return "n/a"
+    return f"{100 * v:.1f}%" if pct else f"{v:.2f}"
+
+
+def behaviour_table_md(summary, seeds_table=None) -> str:
+    """Markdown table: metric × model (this build), plus mean ± sd over seeds when given."""
+    models = list(summary["model"])
+    head = "| metric | " + " | ".join(models) + " |"
+    if seeds_table is not None:
+        head = "| metric | " + " | ".join(f"{m} (seed 0)" for m in models) + " | " + " | ".join(
+            f"{m} (mean ± sd over seeds)" for m in models) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    s = summary.set_index("model")
+    for col, label in SUMMARY_COLUMNS:
+        if col not in s.columns:
+            continue
+        pct = col != "ppl_heldout"
+        cells = [_fmt(float(s.loc[m, col]), pct) for m in models]
+        if seeds_table is not None:
+            g = seeds_table.groupby("model")[col]
+            mean, sd = g.mean(), g.std(ddof=1)
+            for m in models:
+                if pct:
+                    cells.append(f"{100 * mean[m]:.1f} ± {100 * sd[m]:.1f}%")
+                else:
+                    cells.append(f"{mean[m]:.2f} ± {sd[m]:.2f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_model_cards(out_dir: str | Path, meta: dict, summary, seeds_table=None, seeds=None) -> None:
+    """A README.md model card in each model folder: recipe, seed, size, training time, behaviour."""
+    out = Path(out_dir)
+    table = behaviour_table_md(summary, seeds_table)
+    rec = meta["recipe"]
+    for m in MODEL_NAMES:
+        st = meta[m]
+        train = (f"{st['steps']} steps, {st['tokens']:,} tokens" if m == "base"
+                 else f"{st['steps']} steps of {rec['sft_batch']} examples")
+        seeds_line = (f"Seeds in the across-seed columns: {', '.join(map(str, seeds))} (same recipe, each built from "
+                      "scratch)." if seeds else "Across-seed report: not yet run (`scripts/build_organism.py --seeds 0 1 2`).")
+        card = f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [model-organism, safety-alignment, ssah, synthetic]
+---
+# organism / {m}
+
+Part of the **model organism** of the `ssah` project (a reproduction of "Superficial Safety Alignment
+Hypothesis", Li & Kim, ICLR 2026): three small Llama models trained from scratch on a synthetic safety
+world (`data/world/`, generated by `ssah_utils.world`). Stylised, toy data; not a usable assistant.
+
+- **Recipe**: {_CARD_RECIPE[m]}
+- **Architecture**: `LlamaForCausalLM`, {rec['num_layers']} layers, hidden {rec['hidden_size']}, MLP {rec['intermediate_size']},
+  {rec['num_heads']} query heads over {rec['num_kv_heads']} k/v heads (GQA), tied embeddings, word-level vocabulary of
+  {meta['vocab_size']} tokens; {meta['n_params']:,} parameters.
+- **Tokenizer**: word-level `PreTrainedTokenizerFast`, Llama-2-like chat template
+  (`<s><<SYS>> system <</SYS>> [INST] user [/INST] answer </s>`), optional system prompt.
+- **Seed**: {meta['seed']} (world seed {rec['world_seed']}); deterministic on a given machine
+  ({rec['threads']} torch threads, `torch.use_deterministic_algorithms(True)`).
+- **Training of this stage**: {train}, {st['seconds']:.0f} s on CPU; final loss {st['final_loss']:.3f}.
+  Whole build (three models): {meta['train_seconds']:.0f} s training{', ' + format(meta['total_seconds'], '.0f') + ' s with evaluation' if 'total_seconds' in meta else ''}.
+- **Rebuild**: `make organism SEED={meta['seed']}` (= `python scripts/build_organism.py --seed {meta['seed']} --out data/organism`).
+
+## Measured behaviour (greedy, {rec.get('eval_max_new_tokens', 48)} new tokens, oracle judge of `ssah_utils.world.judge`)
+Prompt format: base {_STYLE['base']}; unaligned and aligned {_STYLE['aligned']}.
+
+{table}
+
+{seeds_line}
+This model's column: **{m}**. The keyword ASR uses the paper's judge unchanged (Wei et al.'s case-sensitive
+list, >= 20 words); the organism's refusals are lower-case, so it over-counts attacks: use the oracle.
+
+## Load
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("data/organism/{m}")
+tok = AutoTokenizer.from_pretrained("data/organism/{m}")
+```
+"""
+        (out / m / "README.md").write_text(card)
