@@ -343,32 +343,31 @@ the state after the prompt (after the prefill for prefilling).
 """)
 
 code("""
-tp = sp.token_positions(dr["tokens"])
-plots.save_table(tp, "probe_direction_answer_body")
-print("references (answer body):", {k: round(v, 3) for k, v in tp.attrs["references"].items()})
-tp.round(3)
+sep = sp.token_separation(dr["tokens"])
+plots.save_table(sep, "probe_direction_token_auc")
+sep.pivot(index="step", columns="contrast", values="auc").round(3)
 """)
 
 md("""
-The direction was fitted on prompt states, so along an answer it also moves with the words being
-written (all groups oscillate together). We therefore compare each answer's *body* (tokens 1–15) with two
-references read the same way — plain benign requests answered correctly and plain harmful requests
-refused. `body_harmful_side` is the share of answers whose body sits nearer the refusing reference. A
-prefilled or framed answer that complies while staying on the refusing side is a decision that was not
-revisited although the model still represents the request as harmful; one that moves to the benign
-side has followed its own first tokens. A prefilled answer that the oracle judges a refusal is the
-behavioural sign of a revisited choice (see `refusal_rate` of prefilling in section 3).
+The direction was fitted on prompt states, so along an answer its raw value drifts with the words being
+written (all groups move together in the table above). What matters is whether harmful and benign
+requests stay apart *at the same token*: the AUC per generated token (1 = every harmful answer scores
+above every benign one, 0.5 = no separation). The key contrast is **prefilled harmful vs prefilled
+benign**: both answers are forced to open the same way ("sure , here is how to … :"), so separation at
+later tokens means the model still represents the request as harmful while it writes the answer — and
+the `refusal_rate` of prefilling in section 3 says whether it ever acts on it.
 """)
 
 code("""
-groups = ["plain harmful", "plain benign", "jailbreak: benign_motive", "jailbreak: prefilling", "jailbreak: roleplay"]
-fig = sp.plot_tokens(dr["tokens"], [g for g in groups if g in set(dr["tokens"]["group"])])
+groups = ["plain harmful", "plain benign", "jailbreak: benign_motive", "jailbreak: prefilling", "prefilled benign"]
+fig = sp.plot_tokens(dr["tokens"], sep, [g for g in groups if g in set(dr["tokens"]["group"])])
 plots.save_figure(fig, "figx_probe_tokens")
 fig
 """)
 
 md("""
-Mean score per generated token (solid: answers that refused; dashed: the others).
+Left: the mean score per generated token of each group (all outcomes together). Right: the AUC
+per token of each harmful-vs-benign contrast; 0.5 (dotted) is no separation.
 """)
 
 md("""

@@ -446,16 +446,27 @@ def eval_records(cfg: ProbeStageConfig) -> list[dict]:
     ben = [recs[i] for i in test if y[i] == 0][:n]
     out += [dict(r, group="plain harmful") for r in harm]
     out += [dict(r, group="plain benign") for r in ben]
+    jb_all = datasets.load_set(cfg.sets.jailbreak) if cfg.sets.jailbreak else []
+    if any(r.get("prefill") for r in jb_all):
+        # the control of the prefilling attack: benign requests forced to start the same way
+        out += [dict(r, group="prefilled benign", prefill=_opening(r["reference"])) for r in ben if r.get("reference")]
     out += [dict(r, group="held-out harmful activity") for r in datasets.load_set(cfg.sets.heldout_harmful, n, cfg.seed)]
     if cfg.sets.borderline:
         out += [dict(r, group="borderline benign") for r in datasets.load_set(cfg.sets.borderline, n, cfg.seed)]
-    if cfg.sets.jailbreak:
-        jb = datasets.load_set(cfg.sets.jailbreak)
+    if jb_all:
+        jb = jb_all
         for f in dict.fromkeys(r["framing"] for r in jb):
             fr = [r for r in jb if r["framing"] == f]
             pick = np.random.default_rng(cfg.seed).permutation(len(fr))[:n]
             out += [dict(fr[i], group=f"jailbreak: {f}") for i in sorted(pick)]
     return out
+
+
+def _opening(reference: str) -> str:
+    """The compliant opening of a reference answer: up to its first ':' ("sure , here is how to X :",
+    the world's prefill form), else its first 8 words."""
+    head, sep, _ = reference.partition(":")
+    return (head + sep).strip() if sep else " ".join(reference.split()[:8])
 
 
 def direction(cfg: ProbeStageConfig, role: str = "aligned") -> dict:
@@ -521,32 +532,44 @@ def token_summary(tokens: pd.DataFrame, max_step: int = 12) -> pd.DataFrame:
     return out
 
 
-def token_positions(tokens: pd.DataFrame, max_step: int = 16) -> pd.DataFrame:
-    """Per group and outcome: the score at token 0 and over the answer body (tokens 1..max_step-1).
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random `pos` score > a random `neg` score) (+ half the ties): 0.5 = no separation."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
 
-    The body is compared with two references read the same way: plain benign requests answered
-    correctly and plain harmful requests refused. `body_harmful_side` is the share of answers whose
-    body lies nearer the refusing reference: a prefilled or jailbroken answer that the model still
-    represents as harmful while it complies shows a *decision* failure, not a recognition failure.
+
+TOKEN_CONTRASTS = (
+    ("jailbreak: prefilling", "prefilled benign"),  # same opening text; only the request differs
+    ("plain harmful", "plain benign"),  # refusal text vs answer text
+    ("jailbreak: benign_motive", "plain benign"),
+    ("held-out harmful activity", "plain benign"),
+)
+
+
+def token_separation(tokens: pd.DataFrame, max_step: int = 16,
+                     contrasts: tuple[tuple[str, str], ...] = TOKEN_CONTRASTS) -> pd.DataFrame:
+    """AUC of the direction score, harmful group vs benign group, at each generated token.
+
+    The direction was fitted on prompt states, so along an answer its raw value drifts with the words
+    being written; an AUC per step compares the two groups at the same step and is immune to that
+    drift. The key contrast is prefilled harmful vs prefilled benign requests: both answers are forced
+    to open the same way, so a high AUC at later tokens means the model still represents the request
+    as harmful while it writes the answer.
     """
-    first = tokens[tokens["step"] == 0].set_index("id")["score"]
-    body = tokens[(tokens["step"] >= 1) & (tokens["step"] < max_step)].groupby("id")["score"].mean()
-    meta = tokens[tokens["step"] == 0].set_index("id")[["group", "verdict"]]
-    df = meta.assign(score_token0=first, score_body=body)
-
-    def ref(group: str, verdict: str) -> float:
-        d = df[(df["group"] == group) & (df["verdict"] == verdict)]["score_body"]
-        return float(d.mean()) if len(d) else float("nan")
-
-    ref_b, ref_h = ref("plain benign", "correct"), ref("plain harmful", "refusal")
-    mid = (ref_b + ref_h) / 2
-    sign = 1.0 if ref_h >= ref_b else -1.0
-    df["body_harmful_side"] = sign * (df["score_body"] - mid) > 0
-    out = df.groupby(["group", "verdict"], sort=False).agg(
-        n=("score_token0", "size"), score_token0=("score_token0", "mean"), score_body=("score_body", "mean"),
-        body_harmful_side=("body_harmful_side", "mean"))
-    out.attrs["references"] = {"plain benign -> correct": ref_b, "plain harmful -> refusal": ref_h}
-    return out
+    rows = []
+    have = set(tokens["group"])
+    for a, b in contrasts:
+        if a not in have or b not in have:
+            continue
+        for t in range(max_step):
+            x = tokens[(tokens["group"] == a) & (tokens["step"] == t)]["score"].to_numpy()
+            y = tokens[(tokens["group"] == b) & (tokens["step"] == t)]["score"].to_numpy()
+            rows.append({"contrast": f"{a} vs {b}", "step": t, "auc": auc(x, y), "n": min(len(x), len(y))})
+    if not rows:
+        return pd.DataFrame(columns=["contrast", "step", "auc", "n"])
+    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -711,26 +734,34 @@ def plot_direction(req: pd.DataFrame, point: int) -> plt.Figure:
     ax.set_xlabel(f"score on the refusal direction at point {point} (0 = benign mean, 1 = harmful mean)")
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize="small", title="model did", loc="lower right")
+    ax.legend(uniq.values(), uniq.keys(), fontsize="small", title="model did", loc="center left",
+              bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
-def plot_tokens(tokens: pd.DataFrame, groups: list[str], max_step: int = 16) -> plt.Figure:
-    """Mean direction score at each generated token, per group and verdict (refusal solid, other dashed)."""
+def plot_tokens(tokens: pd.DataFrame, sep: pd.DataFrame, groups: list[str], max_step: int = 16) -> plt.Figure:
+    """Left: mean direction score per generated token and group. Right: per-token AUC of each contrast."""
     plots.set_style()
-    fig, ax = plt.subplots(figsize=(plots.FIGSIZE[0] * 1.3, plots.FIGSIZE[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(plots.FIGSIZE[0] * 2, plots.FIGSIZE[1] * 1.15))
     cmap = plt.get_cmap("tab10")
     t = tokens[(tokens["step"] < max_step) & tokens["group"].isin(groups)]
     for k, g in enumerate(groups):
-        for v, d in t[t["group"] == g].groupby("verdict"):
+        d = t[t["group"] == g]
+        if len(d):
             m = d.groupby("step")["score"].mean()
-            n = d[d["step"] == 0]["id"].nunique()
-            ax.plot(m.index, m.values, color=cmap(k % 10), ls="-" if v == "refusal" else "--", marker=".",
-                    label=f"{g} → {v} (n={n})")
-    ax.axhline(0.5, color="black", lw=0.8, ls=":")
-    ax.set_xlabel("generated token (0 = state that picks the first answer token)")
-    ax.set_ylabel("score on the refusal direction")
-    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+            axes[0].plot(m.index, m.values, color=cmap(k % 10), marker=".", label=f"{g} (n={d['id'].nunique()})")
+    axes[0].axhline(0.5, color="black", lw=0.8, ls=":")
+    axes[0].set_xlabel("generated token (0 = state that picks the first answer token)")
+    axes[0].set_ylabel("score on the refusal direction")
+    axes[0].legend(fontsize="x-small")
+    for k, (c, d) in enumerate(sep[sep["step"] < max_step].groupby("contrast", sort=False)):
+        axes[1].plot(d["step"], d["auc"], color=cmap((k + 5) % 10), marker=".", label=c)
+    axes[1].axhline(0.5, color="black", lw=0.8, ls=":")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].set_xlabel("generated token")
+    axes[1].set_ylabel("AUC, harmful vs benign group")
+    axes[1].legend(fontsize="x-small")
+    fig.tight_layout()
     return fig
 
 
@@ -786,12 +817,12 @@ def summary_text(cfg: ProbeStageConfig, dist: pd.DataFrame, dist7: pd.DataFrame,
         out.append(f"Over all jailbreak requests: refused {jb['refused'].mean():.2f}; refusal rate on the harmful side "
                    f"{jb.loc[side, 'refused'].mean() if side.any() else float('nan'):.2f}, on the benign side "
                    f"{jb.loc[~side, 'refused'].mean() if (~side).any() else float('nan'):.2f}.")
-    tp = token_positions(dr["tokens"]).reset_index()
-    refs = token_positions(dr["tokens"]).attrs["references"]
-    out.append("Direction over the answer body (tokens 1-15; references: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in refs.items()) + "): " + "; ".join(
-        f"{r.group} -> {r.verdict}: token 0 {r.score_token0:.2f}, body {r.score_body:.2f}, "
-        f"{r.body_harmful_side:.2f} on the refusing side (n={r.n})" for r in tp.itertuples()) + ".")
+    sep = token_separation(dr["tokens"])
+    if len(sep):
+        w = sep.pivot(index="contrast", columns="step", values="auc")
+        out.append("Direction AUC (harmful vs benign group) at generated tokens 0 / 1 / 5 / 10 / 15: " + "; ".join(
+            f"{c}: " + " / ".join(f"{w.loc[c, t]:.2f}" if t in w.columns else "-" for t in (0, 1, 5, 10, 15))
+            for c in w.index) + ".")
     if se.get("n_pairs"):
         s = se["summary"].iloc[0]
         out.append(f"Seed example ('in order to help people'): of {s.pairs} pairs, plain refused {s.plain_refused}, "
