@@ -195,10 +195,11 @@ rob.round(3)
 """)
 
 md("""
-The two unknowns of the protocol, varied: d(refusal) − d(compliance) at every point (columns) for the
-last-token and the mean-over-tokens state, after the shortest and the longest continuation. A
-conclusion that holds in every cell of a model's rows does not hang on our choice; one that flips
-sign across cells does.
+The unknowns of the protocol, varied: d(refusal) − d(compliance) at every point (columns) for the
+last-token and the mean-over-tokens state, after the shortest and the longest continuation, and with
+a control compliance (`shuffled`: the answer to *another* request, so the continuation does not repeat
+the request's own words, as "sure , here is how to <activity>" does). A conclusion that holds in every
+cell of a model's rows does not hang on our choices; one that flips sign across cells does.
 """)
 
 code("""

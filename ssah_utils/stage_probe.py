@@ -63,6 +63,7 @@ class DistanceConfig:
     refusal: str = ""  # refusal continuation; '' = the world's refusal templates (the organism's own forms)
     compliance: str = ""  # compliance continuation; '' = each record's reference (world steps, AdvBench target)
     compliance_fallback: str = ""  # for records without a reference (the preset's paper example)
+    shuffle_compliance: bool = False  # control: each query gets the next query's compliance (no echo of its words)
     batch_size: int = 32
 
 
@@ -222,6 +223,8 @@ def continuations(cfg: ProbeStageConfig, tok, records: list[dict]) -> dict[str, 
             raise ValueError(f"no refusal template has {need} tokens; lower the continuation lengths")
         refusals = [long_enough[i % len(long_enough)] for i in range(len(records))]
     comply = [d.compliance or r.get("reference") or d.compliance_fallback for r in records]
+    if d.shuffle_compliance:
+        comply = comply[1:] + comply[:1]
     return {"refusal": refusals, "compliance": comply}
 
 
@@ -318,21 +321,24 @@ def verdict_distances(dist: pd.DataFrame, point: int) -> pd.DataFrame:
 
 def robustness(cfg: ProbeStageConfig, positions: tuple[str, ...] = ("last", "mean")) -> pd.DataFrame:
     """d(refusal) - d(compliance) at every point, for each token position and the shortest and longest
-    continuation: does the conclusion depend on the two choices the paper leaves open?"""
+    continuation, and with a control compliance (another query's answer, so it does not repeat the
+    query's words): does the conclusion depend on the choices the paper leaves open?"""
     rows = []
     ks = (min(cfg.distance.lengths), max(cfg.distance.lengths))
-    for pos in positions:
-        c = dataclasses.replace(cfg, distance=dataclasses.replace(cfg.distance, position=pos))
+    variants = [(pos, "own") for pos in positions] + [(positions[0], "shuffled")]
+    for pos, comp in variants:
+        c = dataclasses.replace(cfg, distance=dataclasses.replace(cfg.distance, position=pos,
+                                                                  shuffle_compliance=comp == "shuffled"))
         d = distances(c)
         for role, g in d.groupby("role", sort=False):
             for k in ks:
                 gap = probing.distance_gap(g, k)
-                rows += [{"role": role, "position": pos, "n_tokens": k, "point": int(p),
+                rows += [{"role": role, "position": pos, "compliance": comp, "n_tokens": k, "point": int(p),
                           "refusal_minus_compliance": float(gap.loc[p, "refusal"] - gap.loc[p, "compliance"])}
                          for p in gap.index]
     df = pd.DataFrame(rows)
-    out = df.pivot_table(index=["role", "position", "n_tokens"], columns="point", values="refusal_minus_compliance",
-                         sort=False)
+    out = df.pivot_table(index=["role", "position", "compliance", "n_tokens"], columns="point",
+                         values="refusal_minus_compliance", sort=False)
     out.columns.name = "point"
     return out
 
