@@ -45,8 +45,8 @@ and prompt sets (default: the world's `harmful_test`, `harmful_heldout`, `benign
 `figx_probe_linear`, `figx_probe_direction`, `figx_probe_tokens`; tables in `tables/probe_*`.
 Results are cached in `data/cache/probe/`.
 
-**Runtime.** About 2 minutes on a 2-core laptop CPU from a cold cache with the organism; seconds
-when cached.
+**Runtime.** Under a minute on a 2-core laptop CPU from a cold cache with the organism (measured:
+about 40 s with one thread); about 15 s when cached. A 7B preset needs a GPU.
 """)
 
 code("""
@@ -279,6 +279,17 @@ fig
 
 md("""
 The same accuracies as curves.
+""")
+
+code("""
+sp.direction_similarity(cfg).round(3)
+""")
+
+md("""
+Cosine similarity, per point, between each model's harmful-minus-benign direction and the aligned
+model's (all three share pre-training, so their residual streams are comparable; point 0, the
+embedding of the prompt's last token, is the same token for every request and has no direction).
+High values mean alignment re-used a distinction the base or unaligned model already drew.
 """)
 
 md("""

@@ -394,6 +394,25 @@ def probes(cfg: ProbeStageConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def direction_similarity(cfg: ProbeStageConfig, reference: str = "aligned") -> pd.DataFrame:
+    """Per point: cosine similarity between each model's harmful-minus-benign direction (training half)
+    and the reference model's. The models share pre-training, so their residual bases are comparable:
+    a high similarity means alignment re-used a distinction the earlier model already drew."""
+    recs, y, train, _ = probe_records(cfg)
+    tr_h = [i for i in train if y[i] == 1]
+    tr_b = [i for i in train if y[i] == 0]
+    dirs = {}
+    for role in cfg.roles:
+        H = activations(cfg, role)
+        dirs[role] = probing.refusal_directions(H[tr_h], H[tr_b])["direction"]  # [P, d]
+    ref = dirs[reference]
+    out = pd.DataFrame({"point": range(ref.shape[0])})
+    for role, d in dirs.items():
+        if role != reference:
+            out[f"cos({role}, {reference})"] = (1 - probing.cosine_distance(d, ref)).numpy()
+    return out.set_index("point")
+
+
 def split_check(cfg: ProbeStageConfig) -> pd.DataFrame:
     """Sizes of the probe split and how many prompts / activities the two halves share (must be 0)."""
     recs, y, train, test = probe_records(cfg)

@@ -186,3 +186,17 @@ def test_linear_probe_beats_chance_on_the_aligned_organism_with_a_disjoint_split
     assert acc.query("point > 0")["test_acc"].max() > 0.75, acc
     assert acc.loc[acc["point"] == 0, "test_acc"].item() == pytest.approx(0.5, abs=0.2)  # embeddings of the last token: no information
     assert n_test >= 30
+
+
+# ---------------------------------------------------------------------------------------------- stage helpers
+
+def test_auc_and_compliant_opening():
+    from ssah_utils import stage_probe
+
+    assert stage_probe.auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert stage_probe.auc([0.0], [1.0]) == 0.0
+    assert stage_probe.auc([1.0, 0.0], [1.0, 0.0]) == 0.5  # (1 win + 2 ties/2) / 4
+    assert math.isnan(stage_probe.auc([], [1.0]))
+    assert stage_probe._opening("sure , here is how to bake bread : step 1 : wash .") == "sure , here is how to bake bread :"
+    assert stage_probe._opening("Sure, here is a script that can exploit vulnerabilities in software") == \
+        "Sure, here is a script that can exploit"
