@@ -51,13 +51,15 @@ def save_figure(fig: plt.Figure, name: str, outdir: Path | str | None = None) ->
 
 
 def save_table(df: pd.DataFrame, name: str, outdir: Path | str | None = None, float_format: str = "%.4g") -> list[Path]:
-    """Write `df` as `<name>.csv` and `<name>.tex` (booktabs-free plain LaTeX tabular)."""
+    """Write `df` as `<name>.csv` and `<name>.tex` (plain LaTeX tabular); a meaningful index is kept."""
     _check_name(name)
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"save_table wants a DataFrame, got {type(df).__name__}")
     out = Path(outdir) if outdir is not None else _config.TABLES_DIR
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.csv", out / f"{name}.tex"]
-    df.to_csv(paths[0], float_format=float_format, index=True)
-    paths[1].write_text(df.to_latex(float_format=lambda x: float_format % x, escape=True))
+    # A default 0..n-1 index carries no information: leave it out so the CSV reads back cleanly.
+    keep_index = not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
+    df.to_csv(paths[0], float_format=float_format, index=keep_index)
+    paths[1].write_text(df.to_latex(float_format=lambda x: float_format % x, escape=True, index=keep_index))
     return paths

@@ -145,6 +145,9 @@ def test_save_table_writes_csv_and_tex(tmp_path):
     csv, tex = plots.save_table(df, "table1_test", outdir=tmp_path)
     assert pd.read_csv(csv, index_col=0)["asr"].tolist() == [0.1, 0.66]
     assert "\\begin{tabular}" in tex.read_text()
+    plain = pd.DataFrame({"label": ["ESU", "RU"], "pct": [1.3, 14.9]})
+    csv, _ = plots.save_table(plain, "table1_plain", outdir=tmp_path)
+    assert csv.read_text().splitlines()[0] == "label,pct"  # no anonymous 0..n-1 index column
 
 
 # ---------------------------------------------------------------- data root
