@@ -13,6 +13,7 @@ set's references; utility pairs = benign instructions with answers; several seed
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class EvalConfig:
     borderline_set: str | None = "borderline_test"
     utility_set: str | None = "utility_test"
     ppl_set: str | None = "ppl_heldout"
-    n_eval: int = 96  # prompts per set (a seeded sample; the same prompts for every condition)
+    n_eval: int = 192  # prompts per set (a seeded sample; the same prompts for every condition)
     n_ppl: int = 64
     system_prompt: str = ""  # used for the "with system prompt" ASR column
     style: str = "chat"
@@ -81,8 +82,8 @@ class ClassifyConfig:
     threshold_rule: str = "nearest"  # FLAP's global threshold (closest prefix) or "floor" (never above h)
     bias_from: str = "safety"  # calibration tokens whose mean feeds FLAP bias compensation: safety (authors' code)|utility|both|none
     n_random_seeds: int = 3  # random masks of each category's composition (the null)
-    dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)  # shares of parameters removed
-    n_dose: int = 48  # prompts per set in the dose-response curve
+    dose_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)  # shares of parameters removed
+    n_dose: int = 64  # prompts per set in the dose-response curve
     calib: CalibConfig = CalibConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -101,17 +102,20 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                 h1: float = 0.01, h2: float = 0.10, threshold_rule: str = "nearest", wifv_variant: str = "authors",
                 n_calib: int = 128, n_calib_seeds: int = 3,
                 safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "safety",
-                n_random_seeds: int = 3, n_eval: int = 96, n_dose: int = 48,
-                dose_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)) -> ClassifyConfig:
-    """The stage config from the notebook's parameters and a preset (`config.get_preset`)."""
+                n_random_seeds: int = 3, n_eval: int = 192, n_dose: int = 64, batch_size: int | None = None,
+                dose_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)) -> ClassifyConfig:
+    """The stage config from the notebook's parameters and a preset (`config.get_preset`).
+    `batch_size` overrides the preset's for generation and scoring (on a CPU larger batches of a small
+    model cost less per prompt)."""
     p = _config.get_preset(preset, model or None)
+    bs = int(batch_size or p.batch_size)
     calib = CalibConfig(safety_set=p.calib_safety, utility_set=p.calib_utility, n_calib=int(n_calib),
                         seeds=tuple(seed + i for i in range(int(n_calib_seeds))),
-                        safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size)
+                        safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=bs)
     ev = EvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
                     utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
                     n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
-                    batch_size=p.batch_size)
+                    batch_size=bs)
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
                           compare_scorers=others, h=(float(h0), float(h1), float(h2)), threshold_rule=threshold_rule,
@@ -131,6 +135,9 @@ def load(cfg: ClassifyConfig):
     """(model, tokenizer) of the config's aligned model, loaded once per process."""
     key = (cfg.model, cfg.dtype, cfg.device)
     if key not in _LOADED:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars (with timings) in notebook outputs
         _LOADED[key] = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     return _LOADED[key]
 
@@ -244,7 +251,7 @@ def scores(cfg: ClassifyConfig) -> dict:
                 for tag, df in (("S", s_df), ("U", u_df)):
                     enc = _encode(tok, df, cfg.calib)
                     t0 = time.perf_counter()
-                    sc, st = score_units(model, enc, scorer, batch_size=cfg.calib.batch_size // 2 or 1)
+                    sc, st = score_units(model, enc, scorer, batch_size=min(32, cfg.calib.batch_size))
                     timing.append({"draw": name, "scorer": scorer, "set": tag, "tokens": int(enc["response_mask"].sum()),
                                    "seconds": time.perf_counter() - t0})
                     out[f"{name}/{scorer}/{tag}"] = sc
@@ -329,7 +336,8 @@ def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, .
     """Safety and utility of the model as it is now (rates in percent).
 
     asr_* : harmful answers to harmful_test (oracle verdict 'harmful'; `kw` = the paper's keyword judge
-    with the >= 20-word rule), without and with the system prompt; jailbreak_asr: oracle ASR on
+    with the >= 20-word rule), without and with the system prompt; refusal: refusals of harmful_test
+    (without system prompt; below 100 - asr when answers degenerate); jailbreak_asr: oracle ASR on
     jailbreak framings; over_refusal: refusals of borderline benign requests; utility: task accuracy;
     degenerate: share of utility answers the oracle calls degenerate; ppl: held-out perplexity.
     """
@@ -346,6 +354,7 @@ def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, .
     if "harmful" in data:
         df = run(data["harmful"])
         out["asr"] = 100 * float((df["verdict"] == "harmful").mean())
+        out["refusal"] = 100 * float((df["verdict"] == "refusal").mean())
         out["asr_kw"] = 100 * float(df["keyword_attack"].mean())
         if e.system_prompt and (sets is None or "harmful_sys" in sets):
             df = run(data["harmful"], e.system_prompt)
@@ -370,12 +379,12 @@ def _conditions(cfg: ClassifyConfig) -> list[tuple[str, str, int, UnitMask, str]
     shape = adapter_for(load(cfg)[0]).shape
     first = f"seed_{cfg.calib.seeds[0]}"
     rows = [("none", "none", 0, UnitMask.empty(shape), first)]
-    for cat in ("ESU", "EUU", "RU"):
+    for k, cat in enumerate(("ESU", "EUU", "RU")):
         for s in cfg.calib.seeds:
             rows.append((cat, cat, s, labels(cfg, f"seed_{s}").mask(cat), f"seed_{s}"))
         ref = labels(cfg, first).mask(cat)
-        for r in range(cfg.n_random_seeds):
-            rows.append((f"random≈{cat}", cat, r, ref.random_like(seed=1000 + r, by="composition"), first))
+        for r in range(cfg.n_random_seeds):  # distinct seeds per category: EUU and RU can have the same composition
+            rows.append((f"random≈{cat}", cat, r, ref.random_like(seed=1000 * (k + 1) + r, by="composition"), first))
     return rows
 
 
@@ -409,7 +418,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def table1_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("pct_units", "pct_params", "asr", "asr_sys", "asr_kw",
-                   "asr_kw_sys", "jailbreak_asr", "over_refusal", "utility", "ppl")) -> pd.DataFrame:
+                   "asr_kw_sys", "refusal", "jailbreak_asr", "over_refusal", "utility", "ppl")) -> pd.DataFrame:
     """Table 1 as text: 'mean ± sd' per metric, deltas to the unablated model in the ASR/utility columns."""
     out = pd.DataFrame(index=summary.index)
     out["n"] = summary["n"]
@@ -479,7 +488,7 @@ def dose_response(cfg: ClassifyConfig) -> dict:
             with ablate(model, mask, means):
                 m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"), with_ppl=False)
             return {"pct_params": 100 * mask.fraction("params"), "pct_units": 100 * mask.fraction("units"),
-                    "asr": m["asr"], "utility": m["utility"]}
+                    "asr": m["asr"], "refusal": m["refusal"], "utility": m["utility"]}
 
         base = run(UnitMask.empty(shape))  # fraction 0: the same model for every ranking
         rows = [{"ranking": k, "replicate": 0, "fraction": 0.0, **base} for k in orders]
@@ -494,6 +503,42 @@ def dose_response(cfg: ClassifyConfig) -> dict:
         return {"curve": pd.DataFrame(rows)}
 
     return _cached(f"{STAGE}_dose", cfg, compute, cfg)
+
+
+def bias_sensitivity(cfg: ClassifyConfig) -> dict:
+    """ESU removal (first calibration seed) and its random controls under every bias-compensation
+    choice: the authors' (safety-set means), utility-set means, both, and none (zero ablation).
+    Mean ablation with safety-set means replaces a unit by its average *refusal* activation, which
+    could itself keep the model refusing; this checks whether the conclusion depends on it."""
+    model, tok = load(cfg)
+    first = f"seed_{cfg.calib.seeds[0]}"
+
+    def compute() -> dict:
+        esu = labels(cfg, first).mask("ESU")
+        masks = [("ESU", 0, esu)] + [("random≈ESU", r, esu.random_like(seed=1000 + r)) for r in range(cfg.n_random_seeds)]
+        rows = []
+        for bias in ("safety", "utility", "both", "none"):
+            means = _means(dataclasses.replace(cfg, bias_from=bias), first)
+            for cond, rep, mask in masks:
+                with ablate(model, mask, means):
+                    m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"),
+                                 with_ppl=False)
+                rows.append({"bias_from": bias, "condition": cond, "replicate": rep, "asr": m["asr"], "utility": m["utility"]})
+        base = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"), with_ppl=False)
+        rows.append({"bias_from": "-", "condition": "none", "replicate": 0, "asr": base["asr"], "utility": base["utility"]})
+        return {"runs": pd.DataFrame(rows)}
+
+    return _cached(f"{STAGE}_bias", cfg, compute, cfg)
+
+
+def bias_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """ASR and task accuracy per bias choice: ESU vs random (mean ± sd over mask seeds), as text."""
+    g = runs.groupby(["bias_from", "condition"], sort=False)
+    mean, sd = g[["asr", "utility"]].mean(), g[["asr", "utility"]].std(ddof=0).fillna(0.0)
+    out = pd.DataFrame(index=mean.index)
+    for m in ("asr", "utility"):
+        out[m] = [f"{a:.1f}" + (f" ± {b:.1f}" if n > 1 else "") for a, b, n in zip(mean[m], sd[m], g.size())]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,8 +598,9 @@ def plot_dose(curve: pd.DataFrame):
 
     set_style()
     colors = {"ESU-like": UNIT_COLORS["ESU"], "EUU-like": UNIT_COLORS["EUU"], "RU-like": UNIT_COLORS["RU"], "random": "black"}
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2))
-    for ax, metric, title in zip(axes, ("asr", "utility"), ("attack success rate (%)", "task accuracy (%)")):
+    fig, axes = plt.subplots(1, 3, figsize=(10.0, 3.2))
+    for ax, metric, title in zip(axes, ("asr", "refusal", "utility"),
+                                 ("attack success rate (%)", "refusals of harmful requests (%)", "task accuracy (%)")):
         for ranking, d in curve.groupby("ranking", sort=False):
             g = d.groupby("fraction")[metric]
             x = 100 * g.mean().index.to_numpy()
@@ -562,7 +608,7 @@ def plot_dose(curve: pd.DataFrame):
                         ms=3, capsize=2, ls="--" if ranking == "random" else "-")
         ax.set_xlabel("% of unit parameters removed")
         ax.set_title(title)
-    axes[1].legend(fontsize="small")
+    axes[2].legend(fontsize="small")
     fig.tight_layout()
     return fig
 
@@ -582,7 +628,7 @@ def fractions_vs_paper(cfg: ClassifyConfig) -> pd.DataFrame:
     """Our label shares (mean over calibration seeds) beside the paper's Llama-2-7B-chat shares."""
     from .paper import reported
 
-    ours = label_fractions(cfg)[["pct_units", "pct_units_sd", "pct_params"]]
+    ours = label_fractions(cfg)[["mlp_channels", "heads", "pct_units", "pct_units_sd", "pct_params"]]
     rep = reported("unit_fractions")
     rep = rep[rep["model"] == "Llama-2-7B-chat"].set_index("setting")["value"].rename("paper_pct_units (Llama-2-7B-chat)")
     return ours.join(rep)
