@@ -658,6 +658,12 @@ def summary_text(cfg: ClassifyConfig) -> str:
         f"ESU stability: Jaccard {j_seed['jaccard']:.2f} ± {j_seed['jaccard_sd']:.2f} between calibration seeds "
         f"(overlapping draws), {j_half:.2f} between disjoint halves, {j_rand:.2f} for random masks of that size.",
     ]
+    curve = dose_response(cfg)["curve"]
+    top = curve[curve["fraction"] == curve["fraction"].max()].groupby("ranking")[["asr", "refusal", "utility"]].mean()
+    lines.append(f"Dose-response at {100 * curve['fraction'].max():.0f}% of parameters: ESU-like order ASR "
+                 f"{top.loc['ESU-like', 'asr']:.1f}%, refusals {top.loc['ESU-like', 'refusal']:.1f}%, task accuracy "
+                 f"{top.loc['ESU-like', 'utility']:.1f}%; random order ASR {top.loc['random', 'asr']:.1f}%, refusals "
+                 f"{top.loc['random', 'refusal']:.1f}%, task accuracy {top.loc['random', 'utility']:.1f}%.")
     for cat in ("EUU", "RU"):
         r = s.loc[cat]
         lines.append(f"Removing {cat} ({r['pct_units']:.1f}% of units): ASR {r['asr']:.1f}%, task accuracy "
