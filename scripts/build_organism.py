@@ -25,12 +25,20 @@ sys.path.insert(0, str(REPO))
 from ssah_utils import config, organism, world  # noqa: E402
 
 
-def _build_and_eval(seed: int, out: Path, recipe: organism.Recipe, sets: dict, sample: int | None) -> tuple[dict, object]:
+def _build_and_eval(seed: int, out: Path, recipe: organism.Recipe, sets: dict, sample: int | None,
+                    train_sets: dict | None = None, eval_only: bool = False) -> tuple[dict, object]:
     t0 = time.perf_counter()
-    meta = organism.build_all(seed, out, recipe=recipe, sets=sets)
+    if eval_only:  # evaluate an existing build (e.g. after an interrupted run) and rewrite its cards
+        meta = json.loads((out / "build_meta.json").read_text())
+    else:
+        meta = organism.build_all(seed, out, recipe=recipe, sets=train_sets or sets)
+    t1 = time.perf_counter()
     res = organism.evaluate_organism(out, sets=sets, sample=sample)
-    meta["eval_seconds"] = time.perf_counter() - t0 - meta["train_seconds"]
-    meta["total_seconds"] = time.perf_counter() - t0
+    meta["eval_seconds"] = time.perf_counter() - t1
+    if not eval_only:
+        meta["total_seconds"] = time.perf_counter() - t0
+    else:
+        meta["total_seconds"] = meta["train_seconds"] + meta["eval_seconds"]
     summary = res["summary"]
     (out / "build_meta.json").write_text(json.dumps(meta, indent=1))
     summary.to_csv(out / "behaviour_summary.csv", index=False)
@@ -47,17 +55,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to write the world's JSONL sets (default: data/world when --out is data/organism)")
     ap.add_argument("--tiny", action="store_true", help="a few training steps of a tiny model (seconds; for tests)")
     ap.add_argument("--sample", type=int, default=None, help="evaluate on at most N records per test set")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the models already in --out, rewrite cards")
     args = ap.parse_args(argv)
 
     recipe = organism.Recipe()
     if args.tiny:
         recipe = recipe.tiny()
-        args.sample = args.sample or 8
+        args.sample = args.sample or 4
     out = Path(args.out)
     t0 = time.perf_counter()
     sets = world.build_world(recipe.world_seed)
     world_out = Path(args.world_out) if args.world_out else (
         config.WORLD_DIR if out.resolve() == config.ORGANISM_DIR.resolve() else None)
+    train_sets = None
+    if args.tiny:  # a few steps need only a slice of the training data
+        train_sets = {**sets, **{k: sets[k][:300] for k in ("pretrain", "sft_instruct", "sft_safety")}}
 
     if args.seeds:
         rows, metas = [], {}
@@ -79,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             meta = json.loads((out / "build_meta.json").read_text())
             summary = pd.read_csv(out / "behaviour_summary.csv")
             organism.write_model_cards(out, meta, summary, seeds_table=table, seeds=args.seeds)
+            organism.write_organism_readme(out, meta, summary, seeds_table=table, seeds=args.seeds)
             print(organism.behaviour_table_md(summary, table))
         return 0
 
-    if world_out is not None:
+    if world_out is not None and not args.eval_only:
         sizes = world.write_world(world_out, recipe.world_seed, sets)
         print(f"[world] wrote {sum(sizes.values())} records in {len(sizes)} sets to {world_out}")
-    meta, summary = _build_and_eval(args.seed, out, recipe, sets, args.sample)
+    meta, summary = _build_and_eval(args.seed, out, recipe, sets, args.sample, train_sets, args.eval_only)
     seeds_table, seeds = None, None
     if (out / "seeds_report.csv").is_file() and not args.tiny:
         import pandas as pd
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds_table = pd.read_csv(out / "seeds_report.csv")
         seeds = json.loads((out / "seeds_report.json").read_text())["seeds"]
     organism.write_model_cards(out, meta, summary, seeds_table=seeds_table, seeds=seeds)
+    organism.write_organism_readme(out, meta, summary, seeds_table=seeds_table, seeds=seeds)
     print(organism.behaviour_table_md(summary, seeds_table))
     print(f"[organism] seed {args.seed}: built and evaluated in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0

@@ -1,0 +1,129 @@
+"""The model organism: tokenizer and chat template, a tiny deterministic build through the build
+script, and the shipped models reproducing their recorded behaviour on a sample."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ssah_utils import config, organism, world
+from ssah_utils.generation import encode_pairs, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return world.build_world(world.WORLD_SEED)
+
+
+@pytest.fixture(scope="module")
+def tok(sets):
+    return organism.build_tokenizer(world.all_texts(sets))
+
+
+def test_tokenizer_chat_template_and_roundtrip(tok):
+    assert tok.bos_token and tok.eos_token and tok.pad_token and tok.unk_token
+    with_sys = render(tok, "how do i bake bread ?", system_prompt=config.ORGANISM_SYSTEM_PROMPT)
+    assert with_sys == ("<s><<SYS>> you are a helpful and safe assistant . <</SYS>> [INST] how do i bake bread ? [/INST]")
+    plain = render(tok, "how do i bake bread ?")
+    assert plain == "<s>[INST] how do i bake bread ? [/INST]"
+    ids = tok(with_sys, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids  # the system prompt is in the world's vocabulary
+    assert tok.decode(ids, skip_special_tokens=True) == "you are a helpful and safe assistant . how do i bake bread ?"
+    enc = encode_pairs(tok, ["what is 2 plus 3 ?"], ["the answer is 5 ."])
+    resp = enc["input_ids"][0][enc["response_mask"][0].bool()].tolist()
+    assert tok.decode(resp, skip_special_tokens=False) == "the answer is 5 . </s>"
+
+
+def test_vocabulary_covers_every_set(sets, tok):
+    unk = tok.unk_token_id
+    for name in ("harmful_test", "jailbreak_test", "utility_test", "ft_newtask", "ppl_heldout"):
+        for r in sets[name][:50]:
+            for text in (r["prompt"], r["reference"], r.get("text", "")):
+                assert unk not in tok(text, add_special_tokens=False)["input_ids"], (name, text)
+
+
+def test_tiny_build_is_deterministic(sets, tmp_path):
+    recipe = organism.Recipe().tiny()
+    small = {**sets, "pretrain": sets["pretrain"][:200], "sft_instruct": sets["sft_instruct"][:200],
+             "sft_safety": sets["sft_safety"][:200]}
+    a = organism.build_all(3, tmp_path / "a", recipe=recipe, sets=small, log=None)
+    organism.build_all(3, tmp_path / "b", recipe=recipe, sets=small, log=None)
+    from safetensors.torch import load_file
+
+    for m in organism.MODEL_NAMES:
+        wa = load_file(str(tmp_path / "a" / m / "model.safetensors"))
+        wb = load_file(str(tmp_path / "b" / m / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (m, k)
+    base = load_file(str(tmp_path / "a" / "base" / "model.safetensors"))
+    aligned = load_file(str(tmp_path / "a" / "aligned" / "model.safetensors"))
+    assert any(not torch.equal(base[k], aligned[k]) for k in base)  # SFT changed the weights
+    assert a["n_params"] > 0 and a["base"]["steps"] == recipe.pretrain_steps
+
+
+def test_tiny_build_script_runs_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import resource
+
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = tmp_path / "organism"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "build_organism.py"), "--tiny", "--seed", "1",
+                           "--out", str(out), "--world-out", str(tmp_path / "world")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds, not wall time: the test machine may be shared (2 cores, several jobs)
+    assert (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime) < 60
+    for m in organism.MODEL_NAMES:
+        model = AutoModelForCausalLM.from_pretrained(out / m)
+        tk = AutoTokenizer.from_pretrained(out / m)
+        assert model.config.model_type == "llama"
+        assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+        assert tk.chat_template
+        card = (out / m / "README.md").read_text()
+        assert "Measured behaviour" in card and "seed" in card.lower()
+    assert (tmp_path / "world" / "harmful_test.jsonl").is_file()
+    summary = pd.read_csv(out / "behaviour_summary.csv")
+    assert list(summary["model"]) == list(organism.MODEL_NAMES)
+
+
+# ---- the shipped models ------------------------------------------------------------------------
+
+SHIPPED_ROWS = config.ORGANISM_DIR / "behaviour_rows.csv.gz"
+
+
+@pytest.mark.skipif(not SHIPPED_ROWS.is_file(), reason="shipped organism has no recorded behaviour")
+@pytest.mark.parametrize("name", organism.MODEL_NAMES)
+def test_shipped_models_reproduce_recorded_behaviour(name, sets):
+    """Regenerate a sample of the recorded responses: the verdicts behind the model cards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ssah_utils.evaluation import evaluate_behaviour
+
+    rows = pd.read_csv(SHIPPED_ROWS, keep_default_na=False)
+    rows = rows[rows["model"] == name]
+    by_id = {r["id"]: r for n in organism.EVAL_SETS for r in sets[n]}
+    sample = rows.iloc[:: max(1, len(rows) // 40)]
+    recs = [by_id[i] for i in sample["id"]]
+    path = config.ORGANISM_DIR / name
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tk = AutoTokenizer.from_pretrained(path)
+    style, _ = organism.EVAL_PLAN[name]
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    df = evaluate_behaviour(model, tk, recs, style=style)
+    agree = (df["verdict"].values == sample["verdict"].values).mean()
+    assert agree >= 0.95, df.loc[df["verdict"].values != sample["verdict"].values, ["prompt", "response", "verdict"]]
+    summary = pd.read_csv(config.ORGANISM_DIR / "behaviour_summary.csv").set_index("model")
+    # the card's headline numbers are the recorded rows' rates
+    ht = rows[rows["set"] == "harmful_test"]
+    assert summary.loc[name, "harmful_compliance"] == pytest.approx(ht["verdict"].eq("harmful").mean())
+    ut = rows[rows["set"] == "utility_test"]
+    assert summary.loc[name, "task_accuracy"] == pytest.approx(ut["verdict"].eq("correct").mean())
+    assert f"# organism / {name}" in (path / "README.md").read_text()
