@@ -73,21 +73,29 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.seeds:
         rows, metas = [], {}
+        import pandas as pd
+
+        shipped = json.loads((out / "build_meta.json").read_text()) if (out / "build_meta.json").is_file() else {}
         for s in args.seeds:
+            if shipped.get("seed") == s and shipped.get("recipe") == asdict(recipe) and (out / "behaviour_summary.csv").is_file():
+                print(f"[seeds] seed {s}: the build in {out} (same recipe) is reused", flush=True)
+                summary = pd.read_csv(out / "behaviour_summary.csv")
+                summary.insert(0, "seed", s)
+                rows.append(summary)
+                metas[s] = {k: shipped.get(k) for k in ("train_seconds", "eval_seconds", "total_seconds")}
+                continue
             with tempfile.TemporaryDirectory(prefix=f"organism-seed{s}-") as tmp:
                 print(f"[seeds] building seed {s}", flush=True)
                 meta, summary = _build_and_eval(s, Path(tmp), recipe, sets, args.sample)
                 summary.insert(0, "seed", s)
                 rows.append(summary)
                 metas[s] = {k: meta[k] for k in ("train_seconds", "eval_seconds", "total_seconds")}
-        import pandas as pd
-
         table = pd.concat(rows, ignore_index=True)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "seeds_report.csv", index=False)
         (out / "seeds_report.json").write_text(json.dumps({"seeds": args.seeds, "timings": metas}, indent=1))
         print(table.to_string())
-        if (out / "build_meta.json").is_file() and (out / "behaviour_summary.csv").is_file():
+        if all((out / m / "config.json").is_file() for m in organism.MODEL_NAMES) and (out / "behaviour_summary.csv").is_file():
             meta = json.loads((out / "build_meta.json").read_text())
             summary = pd.read_csv(out / "behaviour_summary.csv")
             organism.write_model_cards(out, meta, summary, seeds_table=table, seeds=args.seeds)
