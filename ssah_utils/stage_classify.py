@@ -142,8 +142,27 @@ def load(cfg: ClassifyConfig):
     return _LOADED[key]
 
 
+def _data_revision(cfg: ClassifyConfig) -> str:
+    """A hash of the prompt-set files the stage reads (world sets by content), so that a regenerated
+    world never hits results cached for the old one."""
+    import hashlib
+
+    names = [cfg.calib.safety_set, cfg.calib.utility_set, cfg.eval.harmful_set, cfg.eval.jailbreak_set,
+             cfg.eval.borderline_set, cfg.eval.utility_set, cfg.eval.ppl_set]
+    h = hashlib.sha256()
+    for name in names:
+        if not name:
+            continue
+        path = _config.WORLD_DIR / f"{name}.jsonl"
+        h.update(name.encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _rev(cfg: ClassifyConfig) -> str:
-    return model_revision(load(cfg)[0])
+    """Cache revision: the model's weights and the data's content."""
+    return f"{model_revision(load(cfg)[0])}|data:{_data_revision(cfg)}"
 
 
 _MEMO: dict[tuple[str, str, str], dict] = {}
@@ -658,6 +677,11 @@ def summary_text(cfg: ClassifyConfig) -> str:
         f"ESU stability: Jaccard {j_seed['jaccard']:.2f} ± {j_seed['jaccard_sd']:.2f} between calibration seeds "
         f"(overlapping draws), {j_half:.2f} between disjoint halves, {j_rand:.2f} for random masks of that size.",
     ]
+    if "jailbreak_asr" in s:
+        jb = esu_verdict(s, metric="jailbreak_asr")
+        lines.append(f"Under jailbreak framings the oracle ASR is {jb['asr_base']:.1f}% unablated, {jb['asr_esu']:.1f} ± "
+                     f"{jb['asr_esu_sd']:.1f}% without the ESU and {jb['asr_random']:.1f} ± {jb['asr_random_sd']:.1f}% "
+                     "without random units of the same composition.")
     curve = dose_response(cfg)["curve"]
     top = curve[curve["fraction"] == curve["fraction"].max()].groupby("ranking")[["asr", "refusal", "utility"]].mean()
     lines.append(f"Dose-response at {100 * curve['fraction'].max():.0f}% of parameters: ESU-like order ASR "
