@@ -550,6 +550,40 @@ def bias_sensitivity(cfg: ClassifyConfig) -> dict:
     return _cached(f"{STAGE}_bias", cfg, compute, cfg)
 
 
+def scorer_ablation(cfg: ClassifyConfig) -> dict:
+    """Remove the ESU found by each scorer (WIFV, Wanda, SNIP; first calibration seed) and a random mask
+    of the same composition: does the conclusion depend on the paper's choice of importance score?"""
+    model, tok = load(cfg)
+    first = f"seed_{cfg.calib.seeds[0]}"
+
+    def compute() -> dict:
+        rows = []
+        means = _means(cfg, first)
+        for scorer in (cfg.scorer,) + cfg.compare_scorers:
+            esu = labels(cfg, first, scorer).mask("ESU")
+            for cond, rep, mask in [("ESU", 0, esu)] + [("random≈ESU", r, esu.random_like(seed=1000 + r))
+                                                         for r in range(cfg.n_random_seeds)]:
+                with ablate(model, mask, means):
+                    m = evaluate(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed,
+                                 sets=("harmful", "jailbreak", "utility"), with_ppl=False)
+                rows.append({"scorer": scorer, "condition": cond, "replicate": rep, "mlp_channels": mask.n_mlp,
+                             "heads": mask.n_heads, **{k: m[k] for k in ("asr", "jailbreak_asr", "refusal", "utility")}})
+        return {"runs": pd.DataFrame(rows)}
+
+    return _cached(f"{STAGE}_scorers", cfg, compute, cfg)
+
+
+def scorer_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per scorer: ESU vs random (mean ± sd over mask seeds) as text."""
+    g = runs.groupby(["scorer", "condition"], sort=False)
+    metrics = ["asr", "jailbreak_asr", "refusal", "utility"]
+    mean, sd = g[metrics].mean(), g[metrics].std(ddof=0).fillna(0.0)
+    out = pd.DataFrame({"mlp_channels": g["mlp_channels"].first(), "heads": g["heads"].first()})
+    for m in metrics:
+        out[m] = [f"{a:.1f}" + (f" ± {b:.1f}" if n > 1 else "") for a, b, n in zip(mean[m], sd[m], g.size())]
+    return out
+
+
 def bias_table(runs: pd.DataFrame) -> pd.DataFrame:
     """ASR and task accuracy per bias choice: ESU vs random (mean ± sd over mask seeds), as text."""
     g = runs.groupby(["bias_from", "condition"], sort=False)
