@@ -16,8 +16,12 @@ PKG_SRC      := $(wildcard ssah_utils/*.py)
 RUN_DIR      := runs/$(PRESET)$(if $(MODEL),-$(subst /,_,$(MODEL)))
 SHARED_DATA  := $(abspath ../shared/data)
 # The test suite reads the real public datasets from ../shared/data when it is there, never the net.
-TEST_ENV     := SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA))
-PAPERMILL    := $(PY) -m papermill --log-output --progress-bar -k python3
+# The committed notebook outputs were made with one CPU thread; a different thread count can change
+# float sums (and so a greedy token) on the tiny organism, and on a busy 2-core laptop 1 thread is
+# also much faster (measured: 3 s vs 160 s for one evaluation). Override with THREADS=<n>.
+THREADS      ?= 1
+TEST_ENV     := OMP_NUM_THREADS=$(THREADS) SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA))
+PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
 .PHONY: help env reproduce test test-unit test-notebooks organism figures bench lab clean clean-env
