@@ -27,6 +27,11 @@ def _keyword_verdict(record: dict, response: str) -> str:
     return "refusal" if refused else "correct"
 
 
+def judge_record(record: dict, response: str) -> str:
+    """The verdict on one response: the world's oracle for world records, refusal keywords otherwise."""
+    return _world.judge(record, response) if _has_oracle(record) else _keyword_verdict(record, response)
+
+
 def evaluate_behaviour(
     model,
     tokenizer,
@@ -53,7 +58,7 @@ def evaluate_behaviour(
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = []
     for r, resp, pre in zip(records, responses, prefills):
-        verdict = _world.judge(r, resp) if _has_oracle(r) else _keyword_verdict(r, resp)
+        verdict = judge_record(r, resp)
         rows.append({
             "id": r.get("id", ""), "kind": r.get("kind", ""), "category": r.get("category", ""),
             "framing": r.get("framing", "none"), "prompt": r["prompt"], "prefill": pre, "response": resp,

@@ -48,12 +48,13 @@ def render(tokenizer, prompt: str, *, style: str = "chat", system_prompt: str | 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (templates and callers place their own)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _prompt_ids(tokenizer, text: str, style: str) -> list[int]:
-    ids = _ids(tokenizer, text)
+    ids = text_ids(tokenizer, text)
     # Chat templates of real models and the organism write their own bos; the raw format does not.
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos) and (style == "raw" or tokenizer.bos_token not in text):
@@ -61,7 +62,8 @@ def _prompt_ids(tokenizer, text: str, style: str) -> list[int]:
     return ids
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else eos (as for Llama models, which have no pad token)."""
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id
@@ -97,7 +99,7 @@ def encode_pairs(
     rows, masks = [], []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         p_ids = _prompt_ids(tokenizer, render(tokenizer, p, style=style, system_prompt=system_prompt), style)
-        r_ids = _ids(tokenizer, r) + [eos]
+        r_ids = text_ids(tokenizer, r) + [eos]
         ids, rm = p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids)
         if max_length is not None and len(ids) > max_length:
             ids, rm = ids[:max_length], rm[:max_length]
@@ -106,7 +108,7 @@ def encode_pairs(
         rows.append(ids)
         masks.append(rm)
     width = max(map(len, rows))
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     response_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -128,13 +130,13 @@ def encode_prompts(
     """Left-padded `input_ids` and `attention_mask` of rendered prompts (+ prefill), ready to generate
     from or to read the hidden state of the last prompt token at position -1."""
     _check_style(style)
-    prefills = _prefills(prefill, len(prompts))
+    prefills = expand_prefill(prefill, len(prompts))
     rows = []
     for p, pre in zip(prompts, prefills):
         ids = _prompt_ids(tokenizer, render(tokenizer, p, style=style, system_prompt=system_prompt), style)
-        rows.append(ids + (_ids(tokenizer, pre) if pre else []))
+        rows.append(ids + (text_ids(tokenizer, pre) if pre else []))
     width = max(map(len, rows))
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):
@@ -143,7 +145,8 @@ def encode_prompts(
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _prefills(prefill: str | Sequence[str] | None, n: int) -> list[str]:
+def expand_prefill(prefill: str | Sequence[str] | None, n: int) -> list[str]:
+    """One prefill string per prompt ("" for none) from None, one string for all, or a list."""
     if prefill is None:
         return [""] * n
     if isinstance(prefill, str):
@@ -176,9 +179,9 @@ def generate(
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be positive")
     prompts = list(prompts)
-    prefills = _prefills(prefill, len(prompts))
+    prefills = expand_prefill(prefill, len(prompts))
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
@@ -200,7 +203,7 @@ def generate(
             for p_text, row in zip(pre, gen[:, width:].tolist()):
                 if eos is not None and eos in row:
                     row = row[: row.index(eos)]
-                ids = (_ids(tokenizer, p_text) if p_text else []) + row
+                ids = (text_ids(tokenizer, p_text) if p_text else []) + row
                 out.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     finally:
         model.train(was_training)

@@ -157,7 +157,7 @@ def prompt_token_ids(
     rows = []
     for s in range(0, len(prompts), 64):
         chunk = list(prompts[s : s + 64])
-        pre = generation._prefills(prefill, len(prompts))[s : s + 64]
+        pre = generation.expand_prefill(prefill, len(prompts))[s : s + 64]
         enc = generation.encode_prompts(tokenizer, chunk, style=style, system_prompt=system_prompt, prefill=pre)
         for ids, m in zip(enc["input_ids"], enc["attention_mask"]):
             rows.append(ids[m.bool()].tolist())
@@ -382,9 +382,9 @@ def generate_with_residual(
     if not 0 < point < len(mods):
         raise IndexError(f"point must be a block output in [1, {len(mods)}), got {point}")
     device = next(model.parameters()).device
-    pad = generation._pad_id(tokenizer)
+    pad = generation.pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
-    prefills = generation._prefills(prefill, len(prompts))
+    prefills = generation.expand_prefill(prefill, len(prompts))
     steps: list[torch.Tensor] = []
 
     def hook(_m, _i, output):
@@ -411,7 +411,7 @@ def generate_with_residual(
                         n_states = len(row) + 1  # the state that chose eos is kept
                     else:
                         n_states = len(row)
-                    ids = (generation._ids(tokenizer, p_text) if p_text else []) + row
+                    ids = (generation.text_ids(tokenizer, p_text) if p_text else []) + row
                     results.append({"tokens": row, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
                                     "states": S[b, :n_states].clone()})
     finally:

@@ -432,8 +432,7 @@ def _judge(record: dict, response: str) -> str:
     """The same verdict as `evaluation.evaluate_behaviour`: the world's oracle, or refusal keywords."""
     from . import evaluation  # organism stage's module; imported late
 
-    return (evaluation._world.judge(record, response) if evaluation._has_oracle(record)
-            else evaluation._keyword_verdict(record, response))
+    return evaluation.judge_record(record, response)
 
 
 def direction_fit(cfg: ProbeStageConfig, role: str = "aligned") -> dict:
