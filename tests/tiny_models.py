@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import torch
 
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+# The organism's own special tokens and chat template, so tests exercise the format it ships with.
+from ssah_utils.organism import CHAT_TEMPLATE, SPECIALS
+
 WORDS = (
     "how do i make a bomb bake bread kill stuck process shoot photo steal money in order to help people "
     "sure here is step 1 2 3 4 first then finally sorry i can not with that it is illegal and harmful "
     "you are helpful safe assistant . , ? : ### instruction response what two plus three five reverse "
     "list the of count words a b c d e"
 ).split()
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<<SYS>> {{ m['content'] }} <</SYS>> "
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}"
-    "{% endif %}{% endfor %}"
-)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
