@@ -1,0 +1,350 @@
+"""Supervised fine-tuning with some units exactly frozen, or with only some units trainable.
+
+Used by 03_freeze (freeze the safety-critical units during a benign "fine-tuning attack", paper Sec. 5,
+Table 2) and 04_budget (update only a base model's redundant units during alignment, paper Sec. 6).
+
+A unit's **entries** are the weight entries of the unit definition in `models` (MLP channel i: row i
+of gate_proj and up_proj, column i of down_proj; head h: its q_proj rows and o_proj input columns, and
+the k/v rows of its GQA group under a `kv` rule), plus the bias entries of those rows when the
+projection has a bias (Qwen2's q/k/v). `unit_param_masks` turns a `UnitMask` into one bool tensor per
+parameter; `finetune` uses them to hold entries fixed **bit for bit**: a gradient mask alone does not
+freeze, because AdamW's decoupled weight decay moves every entry it is applied to (and Adam moments of
+an entry that once had a gradient keep moving it), so the frozen entries are also written back after
+every optimizer step. `verify_frozen` checks the result against a snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .models import FamilyAdapter, UnitMask, adapter_for
+
+SCHEDULES = ("constant", "cosine")
+KV_RULES = ("any", "all")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one supervised fine-tuning run (loss on response tokens only)."""
+
+    epochs: float = 1.0          # paper/Qi et al.: 1 epoch for full fine-tuning
+    lr: float = 2e-5             # Qi et al. 2023 recipe for 7B; organism presets override
+    batch_size: int = 16         # examples per optimizer step (the effective batch)
+    weight_decay: float = 0.0    # Qi et al.: none
+    warmup_frac: float = 0.0     # share of steps with a linear warmup from 0
+    schedule: str = "constant"   # "constant" | "cosine" (cosine decays to 0 after warmup, as HF's scheduler)
+    max_length: int = 256        # tokens per example (the response end is cut first)
+    style: str = "chat"          # generation.encode_pairs style: "chat" or "raw"
+    system_prompt: str = ""      # rendered into every example when non-empty
+    grad_clip: float = 1.0       # max global grad norm (HF Trainer default); 0 disables clipping
+    seed: int = 0                # data order
+    micro_batch_size: int = 0    # examples per forward pass (gradient accumulation); 0 = batch_size
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs must be a positive number (fractions allowed), got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if not (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0):
+            raise ValueError(f"micro_batch_size must be an int >= 0 (0: the whole batch at once), got {self.micro_batch_size!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        from .generation import STYLES
+
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES} (generation.encode_pairs), got {self.style!r}")
+        if self.style == "raw" and self.system_prompt:
+            raise ValueError("style='raw' has no system prompt; set system_prompt='' or use style='chat'")
+        if not (isinstance(self.max_length, int) and self.max_length >= 2):
+            raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Units -> parameter entries
+# --------------------------------------------------------------------------------------------------
+
+def _check_mask(adapter: FamilyAdapter, mask: UnitMask, what: str) -> None:
+    if not isinstance(mask, UnitMask):
+        raise TypeError(f"{what} must be a UnitMask, got {type(mask).__name__}")
+    if mask.shape != adapter.shape:
+        raise ValueError(f"{what} is a mask of a model shaped {mask.shape}, but the model is {adapter.shape}; "
+                         "build the mask from this model's labels (or UnitMask.empty(model))")
+
+
+def _kv_groups(adapter: FamilyAdapter, heads: torch.Tensor, kv: str) -> torch.Tensor:
+    """Bool [n_kv_heads]: the k/v groups whose rows belong to the heads `heads` under rule `kv`."""
+    if kv not in KV_RULES:
+        raise ValueError(f"kv must be one of {KV_RULES} ('any': a group counts if any of its heads is in the mask; "
+                         f"'all': only if every head is), got {kv!r}")
+    grouped = heads.view(adapter.n_kv_heads, adapter.group_size)
+    return grouped.any(dim=1) if kv == "any" else grouped.all(dim=1)
+
+
+def unit_entries(adapter: FamilyAdapter, mask: UnitMask, *, kv: str = "any"
+                 ) -> list[tuple[int, str, str, torch.Tensor]]:
+    """(layer, projection, axis, bool index) for every projection of every layer: the rows ('rows')
+    or input columns ('cols') of the projection's weight that belong to `mask`'s units. Rows of
+    gate/up/q/k/v (and their biases), columns of down_proj/o_proj, as in `ablation` (which zeroes the
+    same entries, with kv='all')."""
+    _check_mask(adapter, mask, "mask")
+    out = []
+    for layer in range(adapter.n_layers):
+        ch = mask.mlp[layer]  # [d_mlp]
+        heads = mask.heads[layer]  # [n_heads]
+        hd = adapter.head_channels(heads)  # [n_heads * head_dim]
+        kv_rows = _kv_groups(adapter, heads, kv).repeat_interleave(adapter.head_dim)  # [n_kv_heads * head_dim]
+        out += [(layer, "gate_proj", "rows", ch), (layer, "up_proj", "rows", ch), (layer, "down_proj", "cols", ch),
+                (layer, "q_proj", "rows", hd), (layer, "k_proj", "rows", kv_rows), (layer, "v_proj", "rows", kv_rows),
+                (layer, "o_proj", "cols", hd)]
+    return out
+
+
+def unit_param_masks(model: nn.Module, mask: UnitMask, *, kv: str = "any") -> dict[str, torch.Tensor]:
+    """Per named parameter, a bool tensor of the parameter's shape: True on the entries that belong
+    to the units in `mask` (MLP channel i: gate_proj/up_proj row i (+bias), down_proj column i;
+    head h: q_proj rows of h (+bias), o_proj input columns of h; k_proj/v_proj rows (+bias) of the
+    head's k/v group when kv="any" (any head of the group in mask) or kv="all" (every head of the
+    group in mask)). Parameters that belong to no unit (embeddings, norms, lm_head) are absent."""
+    ad = adapter_for(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for layer, proj, axis, idx in unit_entries(ad, mask, kv=kv):
+        lin = ad.proj(layer, proj)
+        w = lin.weight
+        m = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+        idx = idx.to(w.device)
+        if axis == "rows":
+            m[idx] = True
+        else:
+            m[:, idx] = True
+        out[names[id(w)]] = m
+        if axis == "rows" and lin.bias is not None:  # a row's bias belongs to its unit; o/down biases to none
+            out[names[id(lin.bias)]] = idx.clone()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+def _check_records(records: list[dict]) -> None:
+    if isinstance(records, (str, dict)) or not hasattr(records, "__len__"):
+        raise ValueError("records must be a list of dicts with 'prompt' and 'reference'")
+    if len(records) == 0:
+        raise ValueError("finetune needs at least one record ({'prompt': ..., 'reference': ...})")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("reference"), str)):
+            raise ValueError(f"record {i} needs str fields 'prompt' and 'reference' (the answer trained on), got {r!r:.120}")
+
+
+def trainable_masks(model: nn.Module, *, freeze: UnitMask | None = None, train_only: UnitMask | None = None,
+                    train_other: bool | None = None) -> dict[str, torch.Tensor | bool]:
+    """Per named parameter: True (trains fully), False (frozen fully) or a bool tensor of the entries
+    that train. The rule of `finetune` (see there), exposed so callers can count or check it."""
+    if freeze is not None and train_only is not None:
+        raise ValueError("give freeze= (these units stay fixed) or train_only= (only these units train), not both")
+    ad = adapter_for(model)
+    if train_other is None:
+        train_other = train_only is None
+    unit_names = set(unit_param_masks(model, UnitMask.empty(ad)))  # every parameter that belongs to some unit
+    if freeze is not None:
+        _check_mask(ad, freeze, "freeze")
+        frozen = unit_param_masks(model, freeze, kv="any")
+        unit_rule = {n: ~m for n, m in frozen.items()}
+    elif train_only is not None:
+        _check_mask(ad, train_only, "train_only")
+        unit_rule = dict(unit_param_masks(model, train_only, kv="all"))
+    else:
+        unit_rule = {n: True for n in unit_names}
+    out: dict[str, torch.Tensor | bool] = {}
+    for n, p in model.named_parameters():
+        if n not in unit_names:
+            out[n] = bool(train_other)
+            continue
+        r = unit_rule[n]
+        if isinstance(r, torch.Tensor):
+            r = True if bool(r.all()) else (False if not bool(r.any()) else r)
+        out[n] = r
+    return out
+
+
+def _batches(n_records: int, cfg: TrainConfig) -> list[list[int]]:
+    """Example indices per optimizer step: round(epochs·n) examples drawn as successive seeded
+    permutations of the records (every record once per epoch), cut into batches; the last may be short."""
+    total = max(1, int(round(cfg.epochs * n_records)))
+    rng = random.Random(cfg.seed)
+    stream: list[int] = []
+    while len(stream) < total:
+        order = list(range(n_records))
+        rng.shuffle(order)
+        stream += order
+    stream = stream[:total]
+    return [stream[i:i + cfg.batch_size] for i in range(0, total, cfg.batch_size)]
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then constant or cosine decay to 0 (HF's schedules)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    prog = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * prog))
+
+
+def _masked_token_nll(model: nn.Module, enc: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over response tokens of one micro-batch, and the number of such tokens."""
+    ids, am, rm = (enc[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+    logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits  # [b, s, V]
+    tgt = ids[:, 1:].masked_fill(rm[:, 1:] == 0, -100)
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+    return loss, int((tgt != -100).sum())
+
+
+def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, freeze: UnitMask | None = None,
+             train_only: UnitMask | None = None, train_other: bool | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """SFT on records (`prompt` -> `reference`, loss on response tokens only, via
+    generation.encode_pairs). `freeze`: these units' entries never change (kv="any"); everything
+    else trains. `train_only`: only these units' entries change (kv="all"); non-unit parameters
+    (embeddings, norms, lm_head) train only if train_other=True (default False for train_only,
+    True for freeze). Exactly bit-for-bit: gradient masks alone do not freeze under AdamW weight
+    decay or Adam moments, so restore frozen entries after every optimizer step (and zero their
+    grads). Returns {"losses": DataFrame(step, loss), "steps": int, "examples": int,
+    "seconds": float, "final_loss": float (mean of last 10% of steps), "trainable_params": int,
+    "frozen_params": int}. Deterministic for a given seed (data order from cfg.seed)."""
+    from .generation import encode_pairs
+
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    _check_records(records)
+    rule = trainable_masks(model, freeze=freeze, train_only=train_only, train_other=train_other)
+    params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+
+    # Which parameters the optimizer sees, and the entries of partly frozen ones to hold fixed.
+    saved_grad = {n: p.requires_grad for n, p in params.items()}
+    train_names = [n for n, r in rule.items() if r is not False]
+    if not train_names:
+        raise ValueError("nothing to train: the mask leaves no entry trainable (train_only is empty and "
+                         "train_other=False?)")
+    partial = {n: r.to(params[n].device) for n, r in rule.items() if isinstance(r, torch.Tensor)}  # True = trains
+    held = {n: params[n].detach()[~m].clone() for n, m in partial.items()}  # frozen values, restored after each step
+    n_train = sum(params[n].numel() if r is True else int(r.sum()) for n, r in rule.items() if r is not False)
+    n_frozen = sum(p.numel() for p in params.values()) - n_train
+
+    decay = [params[n] for n in train_names if params[n].ndim >= 2]  # HF Trainer: no decay on biases and norms
+    no_decay = [params[n] for n in train_names if params[n].ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+
+    batches = _batches(len(records), cfg)
+    n_steps = len(batches)
+    warmup = int(cfg.warmup_frac * n_steps)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    sysp = cfg.system_prompt or None
+    was_training = model.training
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for n, p in params.items():
+            p.requires_grad_(rule[n] is not False)
+        model.train()
+        for step, batch in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, n_steps, warmup, cfg.schedule)
+            recs = [records[i] for i in batch]
+            encs = [encode_pairs(tokenizer, [r["prompt"] for r in recs[s:s + micro]],
+                                 [r["reference"] for r in recs[s:s + micro]], style=cfg.style,
+                                 system_prompt=sysp, max_length=cfg.max_length) for s in range(0, len(recs), micro)]
+            n_tok = sum(int(e["response_mask"][:, 1:].sum()) for e in encs)  # loss = mean over the batch's tokens
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for e in encs:
+                loss_sum, _ = _masked_token_nll(model, e, device)
+                (loss_sum / n_tok).backward()
+                total += loss_sum.item()
+            with torch.no_grad():
+                for n, m in partial.items():  # frozen entries: no gradient (so no Adam moments, no clip share)
+                    if params[n].grad is not None:
+                        params[n].grad.masked_fill_(~m, 0)
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_([params[n] for n in train_names], cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for n, m in partial.items():  # weight decay and moments moved them: write them back
+                    params[n].data[~m] = held[n]
+            losses.append(total / n_tok)
+            if log and (step % 50 == 0 or step == n_steps - 1):
+                log(f"[finetune] step {step + 1}/{n_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved_grad[n])
+            p.grad = None
+        model.train(was_training)
+    tail = max(1, int(math.ceil(0.1 * n_steps)))
+    return {"losses": pd.DataFrame({"step": range(1, n_steps + 1), "loss": losses}), "steps": n_steps,
+            "examples": sum(map(len, batches)), "seconds": time.perf_counter() - t0,
+            "initial_loss": float(sum(losses[:tail]) / tail), "final_loss": float(sum(losses[-tail:]) / tail),
+            "trainable_params": int(n_train), "frozen_params": int(n_frozen), "config": asdict(cfg)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter (on its device), for `verify_frozen`."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def verify_frozen(before: dict[str, torch.Tensor], model: nn.Module, freeze: UnitMask, *, kv: str = "any",
+                  include_other: bool = False) -> pd.DataFrame:
+    """Per parameter: entries that should be frozen, how many changed, max |diff| — compares a
+    state_dict snapshot taken before training with the model after. Raises nothing; the caller asserts.
+    `include_other=True` adds the parameters of no unit (embeddings, norms, lm_head) as wholly frozen
+    (for a `train_only` run with train_other=False: pass freeze=~train_only)."""
+    masks = unit_param_masks(model, freeze, kv=kv)
+    rows = []
+    for n, p in model.named_parameters():
+        if n in masks:
+            m = masks[n]
+        elif include_other:
+            m = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        else:
+            continue
+        k = int(m.sum())
+        if k == 0:
+            continue
+        if n not in before:
+            rows.append({"param": n, "frozen_entries": k, "changed": -1, "max_abs_diff": float("nan")})
+            continue
+        a = before[n].to(p.device)
+        diff = (p.detach()[m] != a[m])
+        rows.append({"param": n, "frozen_entries": k, "changed": int(diff.sum()),
+                     "max_abs_diff": float((p.detach()[m].float() - a[m].float()).abs().max())})
+    return pd.DataFrame(rows, columns=["param", "frozen_entries", "changed", "max_abs_diff"])
+
+
+__all__ = ["TrainConfig", "unit_entries", "unit_param_masks", "trainable_masks", "finetune", "snapshot",
+           "verify_frozen", "SCHEDULES", "KV_RULES"]
