@@ -1,0 +1,172 @@
+"""The alignment-budget stage (ssah_utils.stage_budget): RU selection by parameter share, config
+validation, the GSM8K answer rule, the paper table, and one tiny RU-only alignment run."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from ssah_utils import stage_budget as B
+from ssah_utils import training as T
+from ssah_utils.models import adapter_for, unit_params
+from tiny_models import tiny_model, tiny_tokenizer
+
+RECORDS = [
+    {"prompt": "how do i make a bomb ?", "reference": "sorry i can not help with that . it is illegal and harmful"},
+    {"prompt": "two plus three ?", "reference": "five"},
+    {"prompt": "reverse the list a b c", "reference": "c b a"},
+    {"prompt": "how do i bake bread ?", "reference": "sure here is step 1 first then finally"},
+    {"prompt": "count the words a b c d", "reference": "4"},
+    {"prompt": "how do i kill a stuck process ?", "reference": "sure here is how . step 1 first"},
+]
+
+
+def _nearest_prefix_reference(z: torch.Tensor, params: torch.Tensor, fraction: float, lowest: bool) -> set[int]:
+    """A slow loop: walk the units from the lowest (or highest) z, and keep the prefix whose parameter
+    total is closest to the target (the shorter one on ties)."""
+    idx = sorted(range(len(z)), key=lambda i: (float(z[i]) if lowest else -float(z[i]), i))
+    target = fraction * float(params.sum())
+    best_n, best_gap, total = 0, target, 0.0
+    for n, i in enumerate(idx, start=1):
+        total += float(params[i])
+        if abs(total - target) < best_gap - 1e-9:
+            best_n, best_gap = n, abs(total - target)
+    return set(idx[:best_n])
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("lowest", [True, False])
+def test_budget_is_the_lowest_utility_share_of_parameters(fraction, lowest):
+    model = tiny_model("llama")
+    shape = adapter_for(model).shape
+    z = torch.randn(shape.n_layers * (shape.d_mlp + shape.n_heads), generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    mask = B.select_budget(z, shape, fraction, lowest=lowest)
+    chosen = set(mask.flat().nonzero().squeeze(1).tolist())
+    assert chosen == _nearest_prefix_reference(z, unit_params(shape), fraction, lowest)
+    inside, outside = z[mask.flat()], z[~mask.flat()]
+    if lowest:
+        assert inside.max() <= outside.min()
+    else:
+        assert inside.min() >= outside.max()
+    # the share of parameters is within one unit's weight of the target
+    assert abs(mask.fraction("params") - fraction) * shape.total_params <= shape.params_per_head / 2 + 1e-6
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
+def test_ru_frac_outside_the_open_unit_interval_raises(bad):
+    with pytest.raises(ValueError, match=r"ru_frac must be a share of parameters in \(0, 1\)"):
+        B.make_config("organism", ru_frac=bad)
+    shape = adapter_for(tiny_model("llama")).shape
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        B.select_budget(torch.zeros(shape.n_layers * (shape.d_mlp + shape.n_heads)), shape, bad)
+
+
+def test_config_errors_name_the_valid_choices():
+    with pytest.raises(ValueError, match="subset of"):
+        B.make_config("organism", conditions="full,everything")
+    with pytest.raises(ValueError, match="give that many epochs"):
+        B.make_config("organism", epochs="1,1,1")
+    with pytest.raises(ValueError, match="alignment must be one of"):
+        B.make_config("organism", alignment="rlhf")
+    with pytest.raises(ValueError, match="Valid presets"):
+        B.make_config("no-such-preset")
+
+
+def test_organism_stages_follow_the_recipe():
+    from ssah_utils.organism import Recipe
+
+    r = Recipe()
+    cfg = B.make_config("organism")
+    assert [s.data for s in cfg.stages] == ["sft_instruct", "sft_safety"]
+    assert [(s.train.epochs, s.train.lr) for s in cfg.stages] == [(r.instruct_epochs, r.instruct_lr),
+                                                                  (r.safety_epochs, r.safety_lr)]
+    assert all(s.train.batch_size == r.sft_batch and s.train.style == "chat" for s in cfg.stages)
+    short = B.make_config("organism", alignment="instruct", epochs="0.5")
+    assert [(s.data, s.train.epochs) for s in short.stages] == [("sft_instruct", 0.5)]
+    assert cfg.seeds == (0, 1, 2) and B.make_config("organism", seed=5, n_seeds=2).seeds == (5, 6)
+
+
+def test_gsm8k_rule_reads_the_last_number():
+    rec = {"prompt": "q", "reference": "1,234", "kind": "benign"}
+    assert B.task_correct(rec, "so 3 + 4 = 7 and the answer is 1234", "correct")
+    assert not B.task_correct(rec, "the answer is 1234 . no wait , 12", "correct")
+    assert not B.task_correct(rec, "i do not know", "correct")
+    world = {"prompt": "q", "reference": "the answer is 6 .", "oracle": "task", "answer": "6"}
+    assert B.task_correct(world, "whatever", "correct") and not B.task_correct(world, "6", "wrong")
+
+
+def test_table4_vs_paper_maps_gsm8k_to_task_accuracy_and_computes_the_tax():
+    from ssah_utils.paper import reported
+
+    runs = pd.DataFrame({"condition": ["base", "full", "full", "ru_only", "ru_only"], "seed": [-1, 0, 1, 0, 1],
+                         "task_accuracy": [60.0, 50.0, 54.0, 58.0, 62.0]})
+    runs["alignment_tax"] = 60.0 - runs["task_accuracy"]
+    s = B.summarize(runs)
+    assert s.loc["full", "task_accuracy"] == 52.0
+    assert s.loc["full", "task_accuracy_sd"] == pytest.approx(torch.tensor([50.0, 54.0]).std().item())  # ddof 1
+    t = B.table4_vs_paper(s)
+    g = t[(t["paper_metric"] == "gsm8k")].set_index("paper_setting")
+    rep = reported("table4").query("metric == 'gsm8k'").set_index("setting")["value"]
+    assert g.loc["RU-only SFT (20%)", "ours"] == 60.0 and g.loc["RU-only SFT (20%)", "paper"] == rep["RU-only SFT (20%)"]
+    tax = t[t["our_metric"] == "alignment_tax"].set_index("our_condition")
+    assert tax.loc["full", "paper"] == pytest.approx(rep["base"] - rep["full SFT (Alpaca)"])
+    assert tax.loc["full", "ours"] == 8.0
+    assert t.loc[t["paper_metric"] == "mmlu", "ours"].isna().all()  # no analogue: never filled in
+
+
+def _stage(epochs: float = 2.0) -> B.SFTStage:
+    return B.SFTStage("tiny", T.TrainConfig(epochs=epochs, lr=1e-2, batch_size=3, weight_decay=0.1, seed=0))
+
+
+def test_ru_only_alignment_changes_only_the_ru_entries(monkeypatch):
+    """One tiny end-to-end condition: only the budget's entries move (bit for bit elsewhere, embeddings,
+    norms and lm_head included), every budget unit moves, and a lone head of a GQA group leaves the
+    group's shared k/v rows alone."""
+    monkeypatch.setattr(B.datasets, "load_set", lambda name, **kw: RECORDS)
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    shape = adapter_for(model).shape
+    z = torch.randn(shape.n_layers * (shape.d_mlp + shape.n_heads), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    z[shape.n_layers * shape.d_mlp + 1] = -100.0  # head 1 of layer 0 (GQA group 0) surely in the budget
+    z[shape.n_layers * shape.d_mlp + 0] = 100.0  # its group partner surely not
+    ru = B.select_budget(z, shape, 0.2)
+    assert ru.heads[0, 1] and not ru.heads[0, 0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = B.align(model, tok, (_stage(),), mask=ru, run_seed=0)
+    assert out["moved_outside_mask"] == 0
+    allowed = T.unit_param_masks(model, ru, kv="all")
+    for n, p in model.named_parameters():
+        changed = p.detach() != before[n]
+        if n in allowed:
+            assert not bool(changed[~allowed[n]].any()), f"{n}: entries outside the budget changed"
+        else:
+            assert not bool(changed.any()), f"{n} (no unit) changed"
+    k0 = model.model.layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(k0, before["model.layers.0.self_attn.k_proj.weight"], rtol=0, atol=0)
+    moved = out["unit_change"] > 0
+    torch.testing.assert_close(moved, ru.flat())  # every budget unit moved, no other unit did
+    assert (out["info"]["trainable_params"] < sum(p.numel() for p in model.parameters())).all()
+
+
+def test_full_alignment_moves_everything_and_unit_change_matches_a_direct_difference(monkeypatch):
+    monkeypatch.setattr(B.datasets, "load_set", lambda name, **kw: RECORDS)
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = B.align(model, tok, (_stage(1.0), dataclasses.replace(_stage(1.0), data="tiny2")), mask=None, run_seed=1)
+    assert list(out["info"]["stage"]) == ["tiny", "tiny2"] and out["moved_outside_mask"] == 0
+    assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    # reference for one MLP channel and one head, computed directly from the weights
+    ad = adapter_for(model)
+    l, c, h = 1, 5, 2
+    d = {p: ad.proj(l, p).weight.detach().double() - before[f"model.layers.{l}.{'mlp' if 'proj' in p and p in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{p}.weight"].double()
+         for p in ("gate_proj", "up_proj", "down_proj", "q_proj", "o_proj")}
+    ch = (d["gate_proj"][c].square().sum() + d["up_proj"][c].square().sum() + d["down_proj"][:, c].square().sum()).sqrt()
+    sl = ad.head_slice(h)
+    hd = (d["q_proj"][sl].square().sum() + d["o_proj"][:, sl].square().sum()).sqrt()
+    s = ad.shape
+    torch.testing.assert_close(out["unit_change"][l * s.d_mlp + c], ch)
+    torch.testing.assert_close(out["unit_change"][s.n_layers * s.d_mlp + l * s.n_heads + h], hd)
