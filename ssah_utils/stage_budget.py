@@ -848,7 +848,7 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
         sd = max(s.loc["ru_only", "task_accuracy_sd"], s.loc["random_only", "task_accuracy_sd"], 1.0)
         verdict = "better than" if d > 2 * sd else ("worse than" if d < -2 * sd else "not distinguishable from")
         lines.append(f"RU-only vs random units of the same size: task accuracy {d:+.1f} points, {verdict} the null "
-                     "(beyond twice the larger sd, at least 2 points).")
+                     "(criterion: a difference beyond twice the larger sd and at least 2 points).")
     if {"ru_only", "full"} <= set(cfg.conditions):
         lines.append(f"Alignment tax, full SFT {s.loc['full', 'alignment_tax']:+.1f} vs RU-only "
                      f"{s.loc['ru_only', 'alignment_tax']:+.1f} points; harmful compliance "
