@@ -309,13 +309,38 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
             "trainable_params": int(n_train), "frozen_params": int(n_frozen), "config": asdict(cfg)}
 
 
+@torch.no_grad()
+def response_loss(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, batch_size: int = 32) -> float:
+    """Mean next-token NLL over the response tokens of `records`, rendered as `finetune` renders them:
+    how well the model fits a fine-tuning set, before and after training (no data order, no dropout)."""
+    from .generation import encode_pairs
+
+    _check_records(records)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n_tok = 0.0, 0
+    try:
+        for s in range(0, len(records), batch_size):
+            recs = records[s:s + batch_size]
+            enc = encode_pairs(tokenizer, [r["prompt"] for r in recs], [r["reference"] for r in recs], style=cfg.style,
+                               system_prompt=cfg.system_prompt or None, max_length=cfg.max_length)
+            loss, n = _masked_token_nll(model, enc, device)
+            total += loss.item()
+            n_tok += n
+    finally:
+        model.train(was_training)
+    return total / n_tok
+
+
 # --------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of every parameter (on its device), for `verify_frozen`."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def snapshot(model: nn.Module, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter, for `verify_frozen`; kept on the CPU by default so that a
+    7B model's copy does not take GPU memory from its fine-tuning."""
+    return {n: p.detach().to(device, copy=True) for n, p in model.named_parameters()}
 
 
 def verify_frozen(before: dict[str, torch.Tensor], model: nn.Module, freeze: UnitMask, *, kv: str = "any",
@@ -346,5 +371,5 @@ def verify_frozen(before: dict[str, torch.Tensor], model: nn.Module, freeze: Uni
     return pd.DataFrame(rows, columns=["param", "frozen_entries", "changed", "max_abs_diff"])
 
 
-__all__ = ["TrainConfig", "unit_entries", "unit_param_masks", "trainable_masks", "finetune", "snapshot",
+__all__ = ["TrainConfig", "unit_entries", "unit_param_masks", "trainable_masks", "finetune", "response_loss", "snapshot",
            "verify_frozen", "SCHEDULES", "KV_RULES"]

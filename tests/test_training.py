@@ -192,3 +192,15 @@ def test_bad_inputs(tok):
         T.finetune(model, tok, [{"prompt": "a"}], FAST)
     with pytest.raises(ValueError, match="nothing to train"):
         T.finetune(model, tok, RECORDS, FAST, train_only=UnitMask.empty(model))
+
+
+def test_response_loss_matches_hf_loss_on_response_tokens(tok):
+    from ssah_utils.generation import encode_pairs
+
+    model = tiny_model("qwen2", seed=7)
+    enc = encode_pairs(tok, [r["prompt"] for r in RECORDS], [r["reference"] for r in RECORDS])
+    labels = enc["input_ids"].masked_fill(enc["response_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+    got = T.response_loss(model, tok, RECORDS, T.TrainConfig(), batch_size=4)  # two batches of unequal size
+    assert got == pytest.approx(float(ref), rel=1e-5)
