@@ -1,0 +1,642 @@
+"""Stage 03_freeze: benign fine-tuning with the safety-critical units frozen (paper Sec. 5, Table 2, Fig 5).
+
+Does benign fine-tuning (the "fine-tuning attack" of Qi et al. 2023) erode the aligned model's safety,
+does freezing the ESU (+ the top CU) during fine-tuning keep it, and is that better than freezing random
+units of the same parameter count (the null the paper lacks)? How do the unit labels move (Fig 5)?
+
+Each fine-tuning run (dataset x condition x replicate) is cached on its own (stage `freeze`), so a rerun,
+or a run with more replicates, recomputes only what is new. The unit labels come from 02_classify's
+cached steps (`stage_classify.labels`), never rescored here; the fully fine-tuned model is relabelled
+with the same scoring and labelling code on the same calibration pairs (Fig 5).
+
+Conditions (the paper's names in brackets):
+- `before`: the aligned model, no fine-tuning [before fine-tuning];
+- `full`: every parameter trains [full fine-tuning];
+- `freeze_esu_topcu`: ESU + the top `top_cu_frac` of parameters among CU frozen [setting (i)];
+- `freeze_esu_cu`: ESU + all CU frozen [setting (ii)];
+- `freeze_random`: random units with the parameter count of setting (i) frozen (beyond the paper);
+- `freeze_random_cu`: random units with the parameter count of setting (ii) frozen (beyond the paper);
+- `freeze_esu`: the ESU alone frozen (optional).
+Frozen runs train `epochs_mult_frozen` times the epochs of `full` (paper: twice).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import cache
+from . import config as _config
+from . import datasets
+from . import stage_classify as sc
+from .models import UnitMask, adapter_for, model_revision, unit_params
+from .training import TrainConfig, finetune, response_loss, snapshot, verify_frozen
+from .units import LABELS, Labels, label_units, score_units, take_by_params, transfer_matrix, wifv_authors_z
+
+STAGE = "freeze"
+CONDITIONS = ("before", "full", "freeze_esu_topcu", "freeze_esu_cu", "freeze_random", "freeze_random_cu", "freeze_esu")
+DEFAULT_CONDITIONS = CONDITIONS[:-1]
+CU_RANKINGS = ("safety", "safety_minus_utility")
+# The paper's Table 2 rows (data/paper/reported.csv, experiment 'table2') for our conditions.
+PAPER_SETTING = {"before": "before fine-tuning", "full": "full fine-tuning",
+                 "freeze_esu_topcu": "freeze ESU + top 6% CU", "freeze_esu_cu": "freeze ESU + all CU"}
+
+# Fine-tuning recipes. Real models: Qi et al. 2023 (lr 2e-5, 1 epoch, batch 64 effective, no weight decay),
+# micro-batches of 8 so that a 7B model fits one GPU. The organism: the same recipe shape (1 epoch, constant
+# lr, no weight decay); its learning rate is chosen by a rule on the training loss alone (`choose_lr`: the
+# smallest lr of `LR_GRID` at which one epoch of full fine-tuning brings the response loss on every
+# fine-tuning set to at most `fit_ratio` of its start), never by its effect on safety. The lr below is only
+# the fallback when no sweep is run (the value the rule picked on the organism this stage was written with).
+ORGANISM_TRAIN = TrainConfig(epochs=1.0, lr=1e-4, batch_size=16, weight_decay=0.0, schedule="constant",
+                             max_length=256, style="chat")
+REAL_TRAIN = TrainConfig(epochs=1.0, lr=2e-5, batch_size=64, micro_batch_size=8, weight_decay=0.0,
+                         schedule="constant", max_length=512, style="chat")
+ORGANISM_FIT_RATIO = 0.5  # "fits the set": one epoch at least halves the loss (a realistic attack fits its data)
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Everything that determines the results of 03_freeze; `asdict()` keys the cache (per run)."""
+
+    preset: str
+    model: str  # the aligned model spec
+    seed: int = 0  # seeds the evaluation samples (the same prompts for every run)
+    dtype: str = "float32"
+    device: str = "auto"
+    datasets: tuple[str, ...] = ("ft_alpaca", "ft_dolly")  # the preset's `finetune_sets`
+    conditions: tuple[str, ...] = DEFAULT_CONDITIONS
+    seeds: tuple[int, ...] = (0, 1, 2)  # replicates: data order, calibration draw and random mask vary
+    n_train: int = 0  # fine-tuning records per set (0 = all; a seeded sample otherwise)
+    train: TrainConfig = ORGANISM_TRAIN  # the recipe of `full`; frozen runs get epochs x epochs_mult_frozen
+    epochs_mult_frozen: float = 2.0  # paper: frozen runs train twice the epochs
+    top_cu_frac: float = 0.06  # setting (i): share of all unit parameters taken from the top of CU (paper: 6%)
+    cu_rank_by: str = "safety"  # how CU are ranked: z_S ("safety") or z_S - z_U; the paper does not say
+    relabel: bool = True  # relabel the fully fine-tuned model (Fig 5)
+    fit_ratio: float = 0.0  # > 0: `choose_lr` picks the lr from the sweep by this loss rule; 0: train.lr as given
+    classify: sc.ClassifyConfig | None = None  # where the labels come from (02_classify's config)
+    eval: sc.EvalConfig = sc.EvalConfig()
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or not self.conditions:
+            raise ValueError(f"unknown conditions {bad}; choose from {CONDITIONS}")
+        if not self.datasets:
+            raise ValueError("datasets needs at least one fine-tuning set (the preset's finetune_sets)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.cu_rank_by not in CU_RANKINGS:
+            raise ValueError(f"cu_rank_by must be one of {CU_RANKINGS}, got {self.cu_rank_by!r}")
+        if not 0.0 <= self.top_cu_frac <= 1.0:
+            raise ValueError(f"top_cu_frac is a share of unit parameters in [0, 1], got {self.top_cu_frac}")
+        if self.epochs_mult_frozen <= 0:
+            raise ValueError(f"epochs_mult_frozen must be positive, got {self.epochs_mult_frozen}")
+        if self.n_train < 0:
+            raise ValueError(f"n_train must be >= 0 (0 = the whole set), got {self.n_train}")
+        if self.fit_ratio < 0 or self.fit_ratio >= 1:
+            raise ValueError(f"fit_ratio must be in [0, 1) (0: keep train.lr), got {self.fit_ratio}")
+        if self.classify is None:
+            raise ValueError("classify config missing: build the config with stage_freeze.make_config")
+
+
+def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, n_seeds: int = 3,
+                datasets_: tuple[str, ...] | None = None, conditions: tuple[str, ...] = DEFAULT_CONDITIONS,
+                lr: float | None = None, epochs: float | None = None, batch_size: int | None = None,
+                weight_decay: float | None = None, n_train: int = 0, epochs_mult_frozen: float = 2.0,
+                top_cu_frac: float = 0.06, cu_rank_by: str = "safety", n_eval: int = 192,
+                eval_batch_size: int | None = None, relabel: bool = True, fit_ratio: float | None = None) -> FreezeConfig:
+    """The stage config from the notebook's parameters and a preset (`config.get_preset`); None keeps
+    the preset's recipe (`ORGANISM_TRAIN` or `REAL_TRAIN`). Without an explicit `lr`, `fit_ratio` (default:
+    `ORGANISM_FIT_RATIO` for the organism, 0 = keep Qi et al.'s lr for real models) lets `choose_lr` pick the
+    lr from the sweep. Labels come from 02_classify's
+    default config for the same preset, model and seed, so its cached labels are reused."""
+    p = _config.get_preset(preset, model or None)
+    base = ORGANISM_TRAIN if p.is_organism else REAL_TRAIN
+    over = {k: v for k, v in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size),
+                              ("weight_decay", weight_decay)) if v is not None}
+    train = dataclasses.replace(base, **over)
+    if int(n_seeds) < 1:
+        raise ValueError(f"n_seeds must be >= 1 (3 or more for error bars), got {n_seeds}")
+    ccfg = sc.make_config(preset, model or None, seed)
+    ev = dataclasses.replace(ccfg.eval, n_eval=int(n_eval), batch_size=int(eval_batch_size or ccfg.eval.batch_size))
+    return FreezeConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device,
+                        datasets=tuple(datasets_ or p.finetune_sets), conditions=tuple(conditions),
+                        seeds=tuple(range(int(n_seeds))), n_train=int(n_train), train=train,
+                        epochs_mult_frozen=float(epochs_mult_frozen), top_cu_frac=float(top_cu_frac),
+                        cu_rank_by=cu_rank_by, relabel=bool(relabel), classify=ccfg, eval=ev,
+                        fit_ratio=0.0 if lr is not None else float(fit_ratio if fit_ratio is not None else
+                                                                    (ORGANISM_FIT_RATIO if p.is_organism else 0.0)))
+
+
+def load(cfg: FreezeConfig):
+    """(model, tokenizer) of the aligned model, shared with 02_classify (loaded once per process)."""
+    return sc.load(cfg.classify)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+def calib_draw(cfg: FreezeConfig, replicate: int) -> str:
+    """The calibration draw whose labels replicate `replicate` (an index into cfg.seeds) freezes."""
+    seeds = cfg.classify.calib.seeds
+    return f"seed_{seeds[replicate % len(seeds)]}"
+
+
+def top_cu(lab: Labels, fraction: float, rank_by: str = "safety", rule: str = "nearest") -> UnitMask:
+    """The CU units with the highest safety score (`rank_by='safety'`: z_S; `'safety_minus_utility'`:
+    z_S - z_U) whose parameters make up `fraction` of all unit parameters (paper: "top 6% of CU",
+    with ESU 1.3% giving about 7.5% of units)."""
+    if rank_by not in CU_RANKINGS:
+        raise ValueError(f"rank_by must be one of {CU_RANKINGS}, got {rank_by!r}")
+    score = lab.z_safety if rank_by == "safety" else lab.z_safety - lab.z_utility
+    is_cu = torch.tensor([x == "CU" for x in lab.labels], dtype=torch.bool)
+    order = torch.argsort(score.to(torch.float64), descending=True, stable=True)
+    order = torch.cat([order[is_cu[order]], order[~is_cu[order]]])  # CU first, by score; then the rest
+    take = take_by_params(order, unit_params(lab.shape), fraction, rule) & is_cu
+    return UnitMask.from_flat(lab.shape, take)
+
+
+def freeze_mask(cfg: FreezeConfig, condition: str, replicate: int) -> UnitMask | None:
+    """The units a condition freezes (None: nothing frozen), from the labels of the replicate's draw."""
+    if condition in ("before", "full"):
+        return None
+    lab = sc.labels(cfg.classify, calib_draw(cfg, replicate))
+    esu = lab.mask("ESU")
+    setting_i = esu | top_cu(lab, cfg.top_cu_frac, cfg.cu_rank_by, cfg.classify.threshold_rule)
+    setting_ii = esu | lab.mask("CU")
+    seed = 1000 + cfg.seeds[replicate]
+    masks = {
+        "freeze_esu": lambda: esu,
+        "freeze_esu_topcu": lambda: setting_i,
+        "freeze_esu_cu": lambda: setting_ii,
+        "freeze_random": lambda: UnitMask.random(lab.shape, n_params=setting_i.n_params, seed=seed),
+        "freeze_random_cu": lambda: UnitMask.random(lab.shape, n_params=setting_ii.n_params, seed=seed + 500),
+    }
+    if condition not in masks:
+        raise ValueError(f"unknown condition {condition!r}; choose from {CONDITIONS}")
+    return masks[condition]()
+
+
+def mask_table(cfg: FreezeConfig) -> pd.DataFrame:
+    """What each condition freezes (first replicate): channels, heads, share of units and of parameters."""
+    rows = []
+    for cond in cfg.conditions:
+        m = freeze_mask(cfg, cond, 0)
+        c = (m.counts() if m is not None else
+             {"mlp_channels": 0, "heads": 0, "units": 0, "frac_units": 0.0, "frac_params": 0.0})
+        rows.append({"condition": cond, "mlp_channels": c["mlp_channels"], "heads": c["heads"], "units": c["units"],
+                     "pct_units": 100 * c["frac_units"], "pct_params": 100 * c["frac_params"]})
+    return pd.DataFrame(rows).set_index("condition")
+
+
+# --------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunKey:
+    """The cache key of one run: everything its result depends on."""
+
+    model: str
+    dtype: str
+    dataset: str  # "-" for `before`
+    condition: str
+    replicate_seed: int
+    n_train: int
+    train: TrainConfig | None  # None for `before`
+    labels_from: tuple  # (calib config, scorer, variant, h, rule, draw) or () when no labels are used
+    mask_spec: tuple  # (top_cu_frac, cu_rank_by) for masks that use them
+    relabel: bool
+    eval: sc.EvalConfig
+    eval_seed: int
+
+
+def _labels_spec(cfg: FreezeConfig, draw: str) -> tuple:
+    c = cfg.classify
+    return (c.calib, c.scorer, c.wifv_variant, c.h, c.threshold_rule, draw)
+
+
+def run_key(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, train: TrainConfig | None = None) -> RunKey:
+    """The key of one run; `train` overrides the recipe (the lr sweep)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; choose from {CONDITIONS}")
+    if condition == "before":
+        return RunKey(cfg.model, cfg.dtype, "-", "before", 0, 0, None, (), (), False, cfg.eval, cfg.seed)
+    draw = calib_draw(cfg, replicate)
+    t = train or cfg.train
+    mult = 1.0 if condition == "full" else cfg.epochs_mult_frozen
+    t = dataclasses.replace(t, epochs=t.epochs * mult, seed=int(cfg.seeds[replicate]))
+    uses_labels = condition != "full" or cfg.relabel
+    spec = (cfg.top_cu_frac, cfg.cu_rank_by) if condition in ("freeze_esu_topcu", "freeze_random") else ()
+    return RunKey(cfg.model, cfg.dtype, dataset, condition, int(cfg.seeds[replicate]), cfg.n_train, t,
+                  _labels_spec(cfg, draw) if uses_labels else (), spec, bool(cfg.relabel and condition == "full"),
+                  cfg.eval, cfg.seed)
+
+
+def _data_revision(cfg: FreezeConfig) -> str:
+    """A hash of the world files the stage reads (fine-tuning, evaluation and calibration sets)."""
+    e, c = cfg.eval, cfg.classify.calib
+    names = list(cfg.datasets) + [e.harmful_set, e.jailbreak_set, e.borderline_set, e.utility_set, e.ppl_set,
+                                  c.safety_set, c.utility_set]
+    h = hashlib.sha256()
+    for name in names:
+        if name:
+            path = _config.WORLD_DIR / f"{name}.jsonl"
+            h.update(name.encode())
+            if path.is_file():
+                h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _rev(cfg: FreezeConfig) -> str:
+    return f"{model_revision(load(cfg)[0])}|data:{_data_revision(cfg)}"
+
+
+def train_records(cfg: FreezeConfig, dataset: str) -> list[dict]:
+    """The fine-tuning records of a set (a seeded sample of `n_train` when n_train > 0)."""
+    return datasets.load_set(dataset, n=cfg.n_train or None, seed=0)
+
+
+def relabel(cfg: FreezeConfig, model, tok, draw: str) -> Labels:
+    """Labels of `model` (e.g. after fine-tuning) with 02_classify's scoring and labelling code on the
+    same calibration pairs (the draw `draw`) as the aligned model's labels."""
+    c = cfg.classify
+    s_df, u_df = sc._draws(c, sc.calibration(c))[draw]
+    raw, z = {}, {}
+    for tag, df in (("S", s_df), ("U", u_df)):
+        sc_, st = score_units(model, sc._encode(tok, df, c.calib), c.scorer, batch_size=min(32, c.calib.batch_size))
+        raw[tag] = sc_
+        if c.scorer == "wifv" and c.wifv_variant == "authors":
+            z[tag] = wifv_authors_z(model, st)
+    shape = adapter_for(model).shape
+    if z:
+        return label_units(z["S"], z["U"], shape, c.h, c.threshold_rule, standardized=True)
+    return label_units(raw["S"], raw["U"], shape, c.h, c.threshold_rule)
+
+
+_MEMO: dict[tuple, dict] = {}
+
+
+def run(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, *, train: TrainConfig | None = None,
+        log=None) -> dict:
+    """One run, cached: copy the aligned model, fine-tune it with the condition's units frozen, check the
+    frozen entries bit for bit, evaluate it. Returns {"metrics": dict, "losses": DataFrame,
+    "verify": DataFrame, and for `full` with relabel: "labels_after": list, "z_after": tensor [2, n_units]}."""
+    if not 0 <= replicate < len(cfg.seeds):
+        raise ValueError(f"replicate is an index into cfg.seeds, in [0, {len(cfg.seeds)}), got {replicate}")
+    model, tok = load(cfg)
+    key = run_key(cfg, dataset, condition, replicate, train)
+    rev = _rev(cfg)
+    memo_key = (cache.config_key(STAGE, key, rev), str(_config.CACHE_DIR))
+    if memo_key in _MEMO:
+        return _MEMO[memo_key]
+
+    def compute() -> dict:
+        ev = sc.evaluate  # the same evaluation as Table 1 (oracle + the paper's keyword judge)
+        if condition == "before":
+            t0 = time.perf_counter()
+            m = ev(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed)
+            metrics = {"eval_seconds": time.perf_counter() - t0}
+            return {"metrics": {**m, **metrics}, "losses": pd.DataFrame({"step": [], "loss": []}),
+                    "verify": pd.DataFrame(columns=["param", "frozen_entries", "changed", "max_abs_diff"])}
+        mask = freeze_mask(cfg, condition, replicate)
+        recs = train_records(cfg, dataset)
+        ft = copy.deepcopy(model)
+        before = snapshot(ft)
+        loss0 = response_loss(ft, tok, recs, key.train)
+        out = finetune(ft, tok, recs, key.train, freeze=mask, log=log)
+        loss1 = response_loss(ft, tok, recs, key.train)
+        ver = verify_frozen(before, ft, mask) if mask is not None else verify_frozen(before, ft, UnitMask.empty(ft))
+        t0 = time.perf_counter()
+        m = ev(ft, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed)
+        n_all = sum(p.numel() for p in ft.parameters())
+        metrics = {
+            **m, "eval_seconds": time.perf_counter() - t0, "epochs": key.train.epochs, "lr": key.train.lr,
+            "steps": out["steps"], "examples": out["examples"], "train_seconds": out["seconds"],
+            "loss_first": out["initial_loss"], "final_loss": out["final_loss"],
+            "set_loss_before": loss0, "set_loss_after": loss1,
+            "frozen_units_pct": 100 * mask.fraction("units") if mask is not None else 0.0,
+            "frozen_unit_params_pct": 100 * mask.fraction("params") if mask is not None else 0.0,
+            "frozen_entries": int(out["frozen_params"]), "frozen_entries_pct": 100 * out["frozen_params"] / n_all,
+            "verify_changed": int(ver["changed"].sum()) if len(ver) else 0,
+            "verify_max_abs_diff": float(ver["max_abs_diff"].max()) if len(ver) else 0.0,
+        }
+        res = {"metrics": metrics, "losses": out["losses"], "verify": ver}
+        if key.relabel:
+            lab = relabel(cfg, ft, tok, calib_draw(cfg, replicate))
+            res["labels_after"] = list(lab.labels)
+            res["z_after"] = torch.stack([lab.z_safety, lab.z_utility])
+        del ft
+        return res
+
+    # quiet: dozens of runs; `runs` returns what was computed, the cache folder holds each config
+    _MEMO[memo_key] = cache.cached(STAGE, key, compute, model_revision=rev, verbose=False)
+    return _MEMO[memo_key]
+
+
+# --------------------------------------------------------------------------------------------------
+# All runs, Table 2
+# --------------------------------------------------------------------------------------------------
+
+def runs(cfg: FreezeConfig, log=None) -> pd.DataFrame:
+    """Every (dataset, condition, replicate) of the config, one row each (`before` repeated per dataset)."""
+    rows = []
+    for ds in cfg.datasets:
+        for cond in cfg.conditions:
+            reps = [0] if cond == "before" else range(len(cfg.seeds))
+            for r in reps:
+                res = run(cfg, ds, cond, r, log=log)
+                rows.append({"dataset": ds, "condition": cond, "replicate": cfg.seeds[r] if cond != "before" else 0,
+                             **res["metrics"]})
+    return pd.DataFrame(rows)
+
+
+METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "jailbreak_asr", "over_refusal", "utility", "ppl", "final_loss",
+           "set_loss_after", "frozen_units_pct", "frozen_unit_params_pct")
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd (ddof 0) over replicates per (dataset, condition), in config order."""
+    metrics = [m for m in METRICS if m in df]
+    g = df.groupby(["dataset", "condition"], sort=False)
+    out = pd.concat([g[metrics].mean(), g[metrics].std(ddof=0).fillna(0.0).add_suffix("_sd")], axis=1)
+    out.insert(0, "n", g.size())
+    return out
+
+
+def table2_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("asr_kw", "asr", "refusal", "jailbreak_asr",
+                   "over_refusal", "utility", "final_loss")) -> pd.DataFrame:
+    """Table 2 as text: 'mean ± sd' over replicates per metric."""
+    out = pd.DataFrame(index=summary.index)
+    out["n"] = summary["n"]
+    for m in metrics:
+        if m in summary:
+            nd = 3 if "loss" in m else 1
+            out[m] = [f"{a:.{nd}f}" + (f" ± {b:.{nd}f}" if n > 1 else "")
+                      for a, b, n in zip(summary[m], summary[f"{m}_sd"], summary["n"])]
+    return out
+
+
+def _paper_dataset(name: str) -> str | None:
+    low = name.lower()
+    return "Alpaca" if "alpaca" in low else ("Dolly" if "dolly" in low else None)
+
+
+def vs_paper(summary: pd.DataFrame) -> pd.DataFrame:
+    """Our keyword ASR (the paper's metric; mean ± sd) and oracle ASR beside the paper's Table 2
+    (Llama-2-7B-chat, AdvBench keyword ASR)."""
+    from .paper import reported
+
+    rep = reported("table2")
+    rep = rep[rep["metric"] == "advbench_keyword_asr"].set_index("setting")["value"]
+    rows = []
+    for (ds, cond), r in summary.iterrows():
+        pds = _paper_dataset(ds)
+        setting = f"{pds}: {PAPER_SETTING[cond]}" if pds and cond in PAPER_SETTING else None
+        rows.append({"dataset": ds, "condition": cond, "ours_keyword_asr": r["asr_kw"], "ours_keyword_asr_sd": r["asr_kw_sd"],
+                     "ours_oracle_asr": r["asr"], "ours_refusal": r["refusal"],
+                     "paper_keyword_asr (Llama-2-7B-chat)": rep.get(setting, np.nan) if setting else np.nan})
+    return pd.DataFrame(rows).set_index(["dataset", "condition"])
+
+
+def verify_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuned run: frozen entries, how many changed, max |diff| (all must be 0)."""
+    d = df[df["condition"] != "before"]
+    return d[["dataset", "condition", "replicate", "frozen_entries", "frozen_entries_pct", "verify_changed",
+              "verify_max_abs_diff", "epochs", "steps"]].reset_index(drop=True)
+
+
+def lr_sweep(cfg: FreezeConfig, lrs: tuple[float, ...] = LR_GRID, log=None) -> pd.DataFrame:
+    """Full fine-tuning (first replicate) at each learning rate of `lrs`: how well it fits each set and
+    what happens to safety and utility. Feeds `choose_lr`, and shows how much the results hang on the lr."""
+    if not lrs:
+        raise ValueError("lr_sweep needs at least one learning rate")
+    rows = []
+    for ds in cfg.datasets:
+        for lr in lrs:
+            res = run(cfg, ds, "full", 0, train=dataclasses.replace(cfg.train, lr=float(lr)), log=log)
+            m = res["metrics"]
+            rows.append({"dataset": ds, "lr": float(lr), "set_loss_before": m["set_loss_before"],
+                         "set_loss_after": m["set_loss_after"], "loss_ratio": m["set_loss_after"] / m["set_loss_before"],
+                         **{k: m[k] for k in ("asr_kw", "asr", "refusal", "jailbreak_asr", "utility")}})
+    return pd.DataFrame(rows)
+
+
+def rule_lr(sweep: pd.DataFrame, fit_ratio: float) -> tuple[float, bool]:
+    """(lr, met): the smallest lr of the sweep whose loss ratio is <= fit_ratio on every set; when none
+    meets it, the lr with the lowest worst-set ratio (met = False)."""
+    worst = sweep.groupby("lr")["loss_ratio"].max().sort_index()
+    ok = worst[worst <= fit_ratio]
+    if len(ok):
+        return float(ok.index[0]), True
+    return float(worst.idxmin()), False
+
+
+def choose_lr(cfg: FreezeConfig, sweep: pd.DataFrame | None) -> FreezeConfig:
+    """The config with train.lr set by the loss rule (`rule_lr`) when cfg.fit_ratio > 0 and a sweep was
+    run; otherwise the config unchanged (an explicit lr, or a real preset's Qi et al. recipe)."""
+    if cfg.fit_ratio <= 0 or sweep is None or sweep.empty:
+        return cfg
+    lr, _ = rule_lr(sweep, cfg.fit_ratio)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+
+
+def sweep_table(cfg: FreezeConfig, sweep: pd.DataFrame) -> pd.DataFrame:
+    """The sweep with `fits` (loss ratio <= fit_ratio on this set) and `used` (the lr of the runs below),
+    losses to 3 decimals and rates to 1."""
+    out = sweep.copy()
+    out[["set_loss_before", "set_loss_after", "loss_ratio"]] = out[["set_loss_before", "set_loss_after", "loss_ratio"]].round(3)
+    rates = ["asr_kw", "asr", "refusal", "jailbreak_asr", "utility"]
+    out[rates] = out[rates].round(1)
+    if cfg.fit_ratio > 0:
+        out["fits"] = out["loss_ratio"] <= cfg.fit_ratio
+    out["used"] = np.isclose(out["lr"], cfg.train.lr)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Fig 5: label transfer under fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+def labels_after(cfg: FreezeConfig, dataset: str, replicate: int = 0) -> Labels:
+    """The labels of the fully fine-tuned model of one run (relabelled on the same calibration draw)."""
+    if not cfg.relabel:
+        raise ValueError("relabel=False: the fine-tuned models were not relabelled; set relabel=True")
+    res = run(cfg, dataset, "full", replicate)
+    before = sc.labels(cfg.classify, calib_draw(cfg, replicate))
+    z = res["z_after"]
+    return Labels(before.shape, list(res["labels_after"]), z[0], z[1], before.h, before.rule)
+
+
+def label_transfer(cfg: FreezeConfig, dataset: str, replicate: int = 0) -> pd.DataFrame:
+    """Percent of each label before (rows) that has each label after full fine-tuning (columns)."""
+    return transfer_matrix(sc.labels(cfg.classify, calib_draw(cfg, replicate)), labels_after(cfg, dataset, replicate))
+
+
+def label_noise(cfg: FreezeConfig) -> pd.DataFrame:
+    """The same cross-tabulation between the aligned model's labels on the two disjoint halves of the
+    first calibration draw: how much labels move with no fine-tuning at all (the noise floor of Fig 5)."""
+    return transfer_matrix(sc.labels(cfg.classify, "half_a"), sc.labels(cfg.classify, "half_b"))
+
+
+def transfer_summary(cfg: FreezeConfig) -> pd.DataFrame:
+    """Per fine-tuning set (and the calibration-noise floor): share of ESU that stay ESU and that move
+    to CU, mean ± sd over replicates."""
+    rows = []
+    for ds in cfg.datasets:
+        for r in range(len(cfg.seeds)):
+            t = label_transfer(cfg, ds, r)
+            rows.append({"comparison": f"full fine-tuning on {ds}", "replicate": cfg.seeds[r],
+                         "esu_stay": t.loc["ESU", "ESU"], "esu_to_cu": t.loc["ESU", "CU"]})
+    t = label_noise(cfg)
+    rows.append({"comparison": "no fine-tuning: disjoint calibration halves", "replicate": 0,
+                 "esu_stay": t.loc["ESU", "ESU"], "esu_to_cu": t.loc["ESU", "CU"]})
+    df = pd.DataFrame(rows)
+    g = df.groupby("comparison", sort=False)
+    out = pd.concat([g[["esu_stay", "esu_to_cu"]].mean(), g[["esu_stay", "esu_to_cu"]].std(ddof=0).fillna(0.0)
+                     .add_suffix("_sd")], axis=1)
+    out.insert(0, "n", g.size())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+def plot_transfer(cfg: FreezeConfig, replicate: int = 0):
+    """Heatmaps of the label transfer (percent of each row) for each fine-tuning set, and the noise floor."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .plots import set_style
+
+    set_style()
+    panels = [(f"full fine-tuning on {ds}", label_transfer(cfg, ds, replicate)) for ds in cfg.datasets]
+    panels.append(("no fine-tuning (calibration halves)", label_noise(cfg)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
+    for ax, (title, tab) in zip(np.atleast_1d(axes), panels):
+        sns.heatmap(tab.loc[list(LABELS), list(LABELS)], annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100,
+                    cbar=False, ax=ax, square=True)
+        ax.set_title(title, fontsize="small")
+        ax.set_xlabel("label after")
+        ax.set_ylabel("label before")
+    fig.tight_layout()
+    return fig
+
+
+COND_LABELS = {"before": "before", "full": "full FT", "freeze_esu_topcu": "freeze ESU+top CU (i)",
+               "freeze_esu_cu": "freeze ESU+CU (ii)", "freeze_random": "freeze random ≈(i)",
+               "freeze_random_cu": "freeze random ≈(ii)", "freeze_esu": "freeze ESU"}
+
+
+def plot_asr(df: pd.DataFrame):
+    """Bars per condition (mean ± sd over replicates), one colour per fine-tuning set: keyword ASR (the
+    paper's metric), oracle ASR, refusals of harmful requests, task accuracy."""
+    import matplotlib.pyplot as plt
+
+    from .plots import set_style
+
+    set_style()
+    metrics = [("asr_kw", "keyword ASR (%)"), ("asr", "oracle ASR (%)"), ("refusal", "refusals of harmful (%)"),
+               ("utility", "task accuracy (%)")]
+    conds = list(dict.fromkeys(df["condition"]))
+    dss = list(dict.fromkeys(df["dataset"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.6), sharex=True)
+    width = 0.8 / len(dss)
+    x = np.arange(len(conds))
+    for ax, (m, title) in zip(axes, metrics):
+        for i, ds in enumerate(dss):
+            g = df[df["dataset"] == ds].groupby("condition", sort=False)[m]
+            mean, sd = g.mean().reindex(conds), g.std(ddof=0).fillna(0.0).reindex(conds)
+            ax.bar(x + (i - (len(dss) - 1) / 2) * width, mean, width, yerr=sd, capsize=2, label=ds)
+        ax.set_title(title)
+        ax.set_xticks(x)
+        ax.set_xticklabels([COND_LABELS[c] for c in conds], rotation=60, ha="right", fontsize="small")
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary in words
+# --------------------------------------------------------------------------------------------------
+
+def _pm(s: pd.DataFrame, key: tuple, m: str, nd: int = 1) -> str:
+    r = s.loc[key]
+    return f"{r[m]:.{nd}f}" + (f" ± {r[f'{m}_sd']:.{nd}f}" if r["n"] > 1 else "")
+
+
+def compare(s: pd.DataFrame, ds: str, a: str, b: str, metric: str = "refusal") -> str:
+    """'higher' / 'lower' / 'no clear difference' for condition a vs b on one set: a difference counts
+    when it exceeds twice the larger sd and 1 point."""
+    ra, rb = s.loc[(ds, a)], s.loc[(ds, b)]
+    d = ra[metric] - rb[metric]
+    if abs(d) <= max(2 * ra[f"{metric}_sd"], 2 * rb[f"{metric}_sd"], 1.0):
+        return "no clear difference"
+    return "higher" if d > 0 else "lower"
+
+
+def summary_text(cfg: FreezeConfig, sweep: pd.DataFrame | None = None) -> str:
+    """The notebook's conclusion in plain words, every number read from the cached runs."""
+    df = runs(cfg)
+    s = summarize(df)
+    lines = []
+    if cfg.fit_ratio > 0 and sweep is not None and not sweep.empty:
+        lr, met = rule_lr(sweep, cfg.fit_ratio)
+        grid = ", ".join(f"{x:g}" for x in sorted(sweep["lr"].unique()))
+        lines.append(f"Learning rate {cfg.train.lr:g}: " + (
+            f"the smallest of {{{grid}}} at which full fine-tuning ({cfg.train.epochs:g} epoch(s)) brings the loss on "
+            f"every set to at most {cfg.fit_ratio:g} of its start." if met else
+            f"no lr of {{{grid}}} brings the loss on every set to {cfg.fit_ratio:g} of its start; this one comes closest."))
+    else:
+        lines.append(f"Learning rate {cfg.train.lr:g}, as given (no loss rule applied).")
+    ft = df[df["condition"] != "before"]
+    lines.append(f"{len(ft)} fine-tuning runs took {ft['train_seconds'].sum():.0f} s of training and "
+                 f"{df['eval_seconds'].sum():.0f} s of evaluation when computed (cached since).")
+    ver = verify_table(df)
+    lines.append(f"Frozen entries: {int(ver['verify_changed'].sum())} of {int(ver['frozen_entries'].sum())} changed "
+                 f"over {len(ver)} fine-tuning runs (max |diff| {ver['verify_max_abs_diff'].max():g}).")
+    n = len(cfg.seeds)
+    for ds in cfg.datasets:
+        have = set(s.loc[ds].index)
+        if not {"before", "full"} <= have:
+            continue
+        lines.append(
+            f"{ds}: full fine-tuning (loss on the set {_pm(s, (ds, 'full'), 'set_loss_after', 3)}) moves refusals of "
+            f"harmful requests from {_pm(s, (ds, 'before'), 'refusal')}% to {_pm(s, (ds, 'full'), 'refusal')}%, "
+            f"oracle ASR from {_pm(s, (ds, 'before'), 'asr')}% to {_pm(s, (ds, 'full'), 'asr')}%, keyword ASR "
+            f"(the paper's metric) from {_pm(s, (ds, 'before'), 'asr_kw')}% to {_pm(s, (ds, 'full'), 'asr_kw')}% "
+            f"(mean ± sd over {n} replicates).")
+        for cond, ctrl in (("freeze_esu_topcu", "freeze_random"), ("freeze_esu_cu", "freeze_random_cu")):
+            if cond not in have:
+                continue
+            txt = (f"  {COND_LABELS[cond]} ({_pm(s, (ds, cond), 'frozen_unit_params_pct')}% of unit parameters): "
+                   f"refusals {_pm(s, (ds, cond), 'refusal')}%, oracle ASR {_pm(s, (ds, cond), 'asr')}%, keyword ASR "
+                   f"{_pm(s, (ds, cond), 'asr_kw')}%, loss on the set {_pm(s, (ds, cond), 'set_loss_after', 3)}; "
+                   f"refusals vs full: {compare(s, ds, cond, 'full')}")
+            if ctrl in have:
+                txt += (f"; vs {COND_LABELS[ctrl]} (refusals {_pm(s, (ds, ctrl), 'refusal')}%, oracle ASR "
+                        f"{_pm(s, (ds, ctrl), 'asr')}%, loss {_pm(s, (ds, ctrl), 'set_loss_after', 3)}): "
+                        f"{compare(s, ds, cond, ctrl)}")
+            lines.append(txt + ".")
+    if cfg.relabel and "full" in cfg.conditions:
+        tr = transfer_summary(cfg)
+        for comp, r in tr.iterrows():
+            lines.append(f"Label transfer, {comp}: {r['esu_stay']:.0f}% of ESU stay ESU, {r['esu_to_cu']:.0f}% become CU"
+                         + (f" (± {r['esu_stay_sd']:.0f} / {r['esu_to_cu_sd']:.0f} over {int(r['n'])} replicates)."
+                            if r["n"] > 1 else "."))
+    return "\n".join(lines)
+
+
+__all__ = ["FreezeConfig", "RunKey", "make_config", "load", "top_cu", "freeze_mask", "mask_table", "run", "runs",
+           "summarize", "table2_display", "vs_paper", "verify_table", "lr_sweep", "rule_lr", "choose_lr", "sweep_table", "labels_after", "label_transfer",
+           "label_noise", "transfer_summary", "plot_transfer", "plot_asr", "summary_text", "CONDITIONS",
+           "ORGANISM_TRAIN", "REAL_TRAIN", "LR_GRID", "ORGANISM_FIT_RATIO"]
