@@ -9,15 +9,17 @@ renamed into place only when every part is written, so an interrupted write leav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
@@ -27,6 +29,62 @@ from . import config as _config
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
 _MANIFEST = "manifest.json"
+
+# Which notebook computes the results of a stage, by stage-name prefix (the stage names passed to
+# `cached` by stage_probe, stage_classify, stage_freeze and stage_budget). First match wins.
+NOTEBOOK_OF_STAGE: tuple[tuple[str, str], ...] = (
+    ("probe", "01_probe"),
+    ("classify", "02_classify"),
+    ("freeze", "03_freeze_finetune"),
+    ("budget", "04_alignment_budget"),
+)
+
+
+class CacheMiss(LookupError):
+    """A result is not in the cache while the cache is read-only (`read_only()`): nothing was computed."""
+
+    def __init__(self, stage: str, key: str, notebook: str | None, cache_dir: Path):
+        self.stage, self.key, self.notebook, self.cache_dir = stage, key, notebook, Path(cache_dir)
+        run = (f"Run notebooks/{notebook}.ipynb first" if notebook else
+               "Run the notebook that computes it first")
+        super().__init__(
+            f"No cached result for stage {stage!r} (key {key}) in {self.cache_dir}, and the cache is read-only "
+            f"here, so nothing is computed. {run} with the same preset, model and seed (or `make reproduce` "
+            "to run every notebook), then rerun this cell. Keys include the model's weights and the prompt "
+            "sets' content, so a rebuilt model or world misses too."
+        )
+
+
+_STATE = threading.local()  # `read_only` nesting: `stack` holds one notebook hint (or None) per open block
+
+
+def notebook_for_stage(stage: str) -> str | None:
+    """The notebook whose run caches `stage` (by `NOTEBOOK_OF_STAGE` prefix), or None if unknown."""
+    return next((nb for prefix, nb in NOTEBOOK_OF_STAGE if stage.startswith(prefix)), None)
+
+
+def is_read_only() -> bool:
+    """Whether `cached()` may only read (inside a `read_only()` block of this thread)."""
+    return bool(getattr(_STATE, "stack", None))
+
+
+@contextlib.contextmanager
+def read_only(notebook: str | None = None) -> Iterator[None]:
+    """Within the block, `cached()` returns hits as usual and raises `CacheMiss` on a miss instead of
+    computing (05_figures: figures from cached results only, in seconds).
+
+    `notebook` names the notebook to run on a miss (e.g. "03_freeze_finetune", which also computes the
+    02_classify labels it uses); None keeps the enclosing block's, else the stage's own notebook
+    (`notebook_for_stage`). Blocks nest; the previous state is restored on exit, also on an error.
+    """
+    stack = getattr(_STATE, "stack", None)
+    if stack is None:
+        stack = _STATE.stack = []
+    stack.append(notebook)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -117,17 +175,23 @@ def cached(
     """Return `compute()`'s result for this config, from the cache when an identical entry exists.
 
     `compute` must return a dict of named parts (DataFrame, Tensor, JSON-able value or picklable
-    object). `refresh=True` recomputes and overwrites the entry.
+    object). `refresh=True` recomputes and overwrites the entry. Inside `read_only()` a miss raises
+    `CacheMiss` and `compute` is never called.
     """
     if not stage or "/" in stage or stage.startswith("."):
         raise ValueError(f"stage must be a plain name like 'classify', got {stage!r}")
     folder = cache_path(stage, config, model_revision, cache_dir)
+    if refresh and is_read_only():
+        raise ValueError(f"refresh=True recomputes stage {stage!r}, but the cache is read-only here (cache.read_only)")
     if not refresh:
         hit = load_cached(stage, config, model_revision, cache_dir)
         if hit is not None:
             if verbose:
                 print(f"[cache] {stage}: hit {folder.name}")
             return hit
+    if is_read_only():
+        hint = next((nb for nb in reversed(_STATE.stack) if nb), None)  # the innermost block that names one
+        raise CacheMiss(stage, folder.name, hint or notebook_for_stage(stage), folder.parent.parent)
     t0 = time.perf_counter()
     result = compute()
     seconds = time.perf_counter() - t0
