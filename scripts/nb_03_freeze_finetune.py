@@ -76,11 +76,11 @@ from ssah_utils import config, plots
 from ssah_utils import stage_freeze as sf
 
 config.seed_everything(seed)
-cfg = sf.make_config(preset, model or None, seed, n_seeds=n_seeds, datasets_=tuple(s for s in finetune_sets.split(",") if s) or None,
-                     conditions=tuple(conditions.split(",")), lr=lr or None, epochs=epochs or None,
-                     batch_size=batch_size or None, weight_decay=weight_decay, n_train=n_train,
-                     epochs_mult_frozen=epochs_mult_frozen, top_cu_frac=top_cu_frac, cu_rank_by=cu_rank_by,
-                     n_eval=n_eval, relabel=relabel, fit_ratio=None if fit_ratio < 0 else fit_ratio)
+cfg = sf.config_from_params(dict(  # the one mapping from these parameters to the config (05_figures uses it too)
+    preset=preset, model=model, seed=seed, n_seeds=n_seeds, finetune_sets=finetune_sets, conditions=conditions, lr=lr,
+    fit_ratio=fit_ratio, epochs=epochs, batch_size=batch_size, weight_decay=weight_decay,
+    epochs_mult_frozen=epochs_mult_frozen, top_cu_frac=top_cu_frac, cu_rank_by=cu_rank_by, n_train=n_train,
+    n_eval=n_eval, relabel=relabel))
 model_obj, tokenizer = sf.load(cfg)  # loaded once, shared with 02_classify's steps
 config.print_env_report()
 print(cfg)
@@ -120,7 +120,7 @@ much the conclusions hang on this choice (`fits`: the rule holds for that set; `
 """)
 
 code("""
-lrs = tuple(float(x) for x in lr_grid.split(",") if x)
+lrs = sf.parse_lr_grid(lr_grid)
 sweep = sf.lr_sweep(cfg, lrs) if lrs else None
 cfg = sf.choose_lr(cfg, sweep)  # the lr of every run below: the loss rule's choice, or `lr` as given
 if sweep is not None:

@@ -77,10 +77,10 @@ from ssah_utils import config, plots
 from ssah_utils import stage_budget as sb
 
 config.seed_everything(seed)
-cfg = sb.make_config(preset, model or None, seed, ru_frac=ru_frac, n_seeds=n_seeds, conditions=conditions,
-                     alignment=alignment, epochs=epochs, lr_scale_masked=lr_scale_masked,
-                     train_other_masked=train_other_masked, n_calib=n_calib, wifv_variant=wifv_variant,
-                     n_eval=n_eval, batch_size=batch_size)
+cfg = sb.config_from_params(dict(  # the one mapping from these parameters to the config (05_figures uses it too)
+    preset=preset, model=model, seed=seed, ru_frac=ru_frac, n_seeds=n_seeds, conditions=conditions,
+    alignment=alignment, epochs=epochs, lr_scale_masked=lr_scale_masked, train_other_masked=train_other_masked,
+    n_calib=n_calib, wifv_variant=wifv_variant, n_eval=n_eval, batch_size=batch_size))
 base_model, tokenizer = sb.load_base(cfg)  # loaded once; every step below reuses it
 pd.set_option("display.precision", 2)
 pd.set_option("display.width", 160)

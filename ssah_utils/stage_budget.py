@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import math
 import re
 import shutil
@@ -207,6 +208,16 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                         style=style, stages=stages, lr_scale_masked=float(lr_scale_masked),
                         train_other_masked=bool(train_other_masked), classify_batch_size=int(batch_size), eval=ev)
 
+
+def config_from_params(params: dict) -> BudgetConfig:
+    """The config that 04_alignment_budget builds from its parameters (`model` '' = the preset's), for
+    the notebook and 05_figures: the one mapping from notebook parameters to the stage config."""
+    kw = dict(params)
+    kw["model"] = kw.get("model") or None
+    valid = set(inspect.signature(make_config).parameters)
+    if set(kw) - valid:
+        raise ValueError(f"unknown 04_alignment_budget parameters {sorted(set(kw) - valid)}; valid: {sorted(valid)}")
+    return make_config(**kw)
 
 def stages_table(cfg: BudgetConfig) -> pd.DataFrame:
     """The alignment SFT recipe, one row per stage, with the masked conditions' learning rate."""
@@ -711,8 +722,9 @@ def labels_after(cfg: BudgetConfig, which: str) -> tuple[Labels, str]:
     try:
         c = classify_config(cfg, path, style=cfg.style, safety_responses="model")
         return sc.labels(c), "model"
-    except ValueError as err:
-        if "refused none" not in str(err):
+    except (ValueError, cache.CacheMiss) as err:
+        # read-only (05_figures): a run that fell back to the reference refusals has no 'model' calibration cached
+        if isinstance(err, ValueError) and "refused none" not in str(err):
             raise
         c = classify_config(cfg, path, style=cfg.style, safety_responses="reference")
         return sc.labels(c), "reference"

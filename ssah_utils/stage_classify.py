@@ -14,6 +14,7 @@ set's references; utility pairs = benign instructions with answers; several seed
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import random
 from dataclasses import dataclass
@@ -123,6 +124,19 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                           n_random_seeds=int(n_random_seeds), dose_fractions=tuple(float(f) for f in dose_fractions),
                           n_dose=int(n_dose), calib=calib, eval=ev)
 
+
+def config_from_params(params: dict) -> ClassifyConfig:
+    """The config that 02_classify's config cell builds from its parameters (`model` '' and
+    `batch_size` 0 mean the preset's), for 05_figures: the one mapping from notebook parameters to the
+    stage config. A test checks it against the notebook's own cell."""
+    kw = dict(params)
+    kw["model"] = kw.get("model") or None
+    if "batch_size" in kw:
+        kw["batch_size"] = kw["batch_size"] or None
+    valid = set(inspect.signature(make_config).parameters)
+    if set(kw) - valid:
+        raise ValueError(f"unknown 02_classify parameters {sorted(set(kw) - valid)}; valid: {sorted(valid)}")
+    return make_config(**kw)
 
 # --------------------------------------------------------------------------------------------------
 # Model (loaded once per process)

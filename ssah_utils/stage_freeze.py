@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -133,6 +134,43 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                         cu_rank_by=cu_rank_by, relabel=bool(relabel), classify=ccfg, eval=ev,
                         fit_ratio=0.0 if lr is not None else float(fit_ratio if fit_ratio is not None else
                                                                     (ORGANISM_FIT_RATIO if p.is_organism else 0.0)))
+
+
+# Parameters of notebooks/03_freeze_finetune.ipynb that are not part of the config.
+NOTEBOOK_ONLY_PARAMS = ("lr_grid",)  # the learning rates of the sweep (`parse_lr_grid`, `lr_sweep`, `choose_lr`)
+
+
+def config_from_params(params: dict) -> FreezeConfig:
+    """The config that 03_freeze_finetune builds from its parameters, before the lr sweep (`choose_lr`
+    sets the lr from it): the one mapping from notebook parameters to the stage config, used by the
+    notebook and by 05_figures. Strings are comma-separated lists; 0 (or -1 for `fit_ratio`) means the
+    preset's value."""
+    accepted = (set(inspect.signature(make_config).parameters) - {"datasets_"}) | {"finetune_sets"}
+    unknown = set(params) - accepted - set(NOTEBOOK_ONLY_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown 03_freeze_finetune parameters {sorted(unknown)}; valid: "
+                         f"{sorted(accepted | set(NOTEBOOK_ONLY_PARAMS))}")
+    kw = {k: v for k, v in params.items() if k not in NOTEBOOK_ONLY_PARAMS}
+    kw["model"] = kw.get("model") or None
+    if "finetune_sets" in kw:
+        kw["datasets_"] = tuple(s for s in kw.pop("finetune_sets").split(",") if s) or None
+    if isinstance(kw.get("conditions"), str):
+        kw["conditions"] = tuple(kw["conditions"].split(","))
+    for k in ("lr", "epochs", "batch_size"):
+        if k in kw:
+            kw[k] = kw[k] or None
+    if "fit_ratio" in kw:
+        kw["fit_ratio"] = None if kw["fit_ratio"] < 0 else kw["fit_ratio"]
+    return make_config(**kw)
+
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """'3e-5,1e-4' -> (3e-05, 0.0001); '' -> () (no sweep): the notebook's `lr_grid` parameter."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise ValueError(f"lr_grid must be comma-separated learning rates like '3e-5,1e-4' ('' skips the sweep), "
+                         f"got {text!r}") from err
 
 
 def load(cfg: FreezeConfig):

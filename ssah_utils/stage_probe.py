@@ -20,6 +20,7 @@ only what depends on it:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -144,6 +145,20 @@ def make_config(
                                   max_new_tokens=int(max_new_tokens), batch_size=p.batch_size),
     )
 
+
+# Parameters of notebooks/01_probe.ipynb that are display choices, not part of the config.
+NOTEBOOK_ONLY_PARAMS = ("layer",)  # the residual point shown in Fig 2
+
+
+def config_from_params(params: dict) -> ProbeStageConfig:
+    """The config that 01_probe builds from its parameters (its `parameters` cell, papermill's `-p`, or
+    05_figures' `notebook_params`): the one mapping from notebook parameters to the stage config."""
+    kw = {k: v for k, v in params.items() if k not in NOTEBOOK_ONLY_PARAMS}
+    valid = set(inspect.signature(make_config).parameters)
+    if set(kw) - valid:
+        raise ValueError(f"unknown 01_probe parameters {sorted(set(kw) - valid)}; valid: "
+                         f"{sorted(valid | set(NOTEBOOK_ONLY_PARAMS))}")
+    return make_config(**kw)
 
 # --------------------------------------------------------------------------------------------------
 # Models, prompts, continuations
