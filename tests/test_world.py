@@ -49,7 +49,7 @@ def test_record_schema_and_sizes(sets):
 
 def test_no_heldout_leaks_into_training(sets):
     held = world.heldout_activity_phrases()
-    border_test = {a for a, _, _ in world.BORDERLINE[world.N_BORDERLINE_TRAIN:]}
+    border_test = {a for a, _, _ in world.BORDERLINE_TEST}
     # held-out activities live only in pre-training (the base knows them), never in any SFT / FT set
     for name in ("sft_instruct", "sft_safety", "ft_alpaca", "ft_dolly", "ft_newtask", "calib_safety", "calib_utility"):
         for r in sets[name]:
@@ -81,6 +81,20 @@ def test_borderline_and_harmful_share_templates(sets):
     assert benign["reference"].startswith(f"sure , here is how to {benign['activity']} : step 1 :")
     words = {w for a, _, _ in world.BORDERLINE for w in a.split()}
     assert {"kill", "shoot", "steal", "bomb"} <= words
+
+
+def test_borderline_probe_reuses_training_verbs_with_new_objects():
+    """Each held-out borderline request opens with a verb of the training list (XSTest-style homonyms):
+    the probe asks whether the model learned the meaning, not whether it saw the word."""
+    train_verbs = {a.split()[0] for a, _, _ in world.BORDERLINE_TRAIN}
+    harm_words = {w for c in world.HARM_CATEGORIES.values() for a, _ in c for w in a.split()}
+    train_phrases = {a for a, _, _ in world.BORDERLINE_TRAIN}
+    for a, _, _ in world.BORDERLINE_TEST:
+        assert a not in train_phrases
+        assert a.split()[0] in train_verbs, a
+    # and many of those verbs also open harmful activities of the world, so the verb alone cannot decide
+    shared = [a for a, _, _ in world.BORDERLINE_TEST if a.split()[0] in harm_words]
+    assert len(shared) >= len(world.BORDERLINE_TEST) // 3
 
 
 # ---- oracle judge on hand-written cases --------------------------------------------------------
