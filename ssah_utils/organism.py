@@ -42,11 +42,11 @@ class Recipe:
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2  # grouped-query attention, as Llama-3 / Mistral
+    num_heads: int = 8  # head dim 16; measured: 8 heads learn list reversal within the budget, 4 heads did not
+    num_kv_heads: int = 4  # grouped-query attention (2 query heads per k/v head), as Llama-3 / Mistral
     max_position_embeddings: int = 256
     # pre-training on packed raw text
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1200  # measured: task accuracy still rising at 600 steps (62.9%)
     pretrain_batch: int = 32
     pretrain_seq_len: int = 128
     pretrain_lr: float = 3e-3
