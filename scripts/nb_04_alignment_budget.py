@@ -46,8 +46,9 @@ paper); the calibration set `calib_utility`; the test sets `utility_test` (the G
 `tables/fig6_budget_label_transfer.*`, `figures/fig_budget_tax.*`, `figures/fig_budget_losses.*`,
 `figures/fig6_budget_label_transfer.*`; cached results under `data/cache/budget_*` (trained weights
 included) and `data/cache/classify_*`.
-**Runtime.** Sized to stay within about 10 minutes on a 2-core laptop CPU from a cold cache with the organism
-(4 conditions × 3 seeds = 12 short SFT runs; one torch thread, `OMP_NUM_THREADS=1`); seconds when cached.
+**Runtime.** About 10-15 minutes on a 2-core laptop CPU from a cold cache with the organism (3 conditions ×
+3 seeds = 9 SFT runs at the organism's own recipe; one torch thread, `OMP_NUM_THREADS=1`); seconds when
+cached. Pass `-p epochs "1,1"` for a quicker, less aligned run.
 The measured training time is printed below. A 7B preset needs a GPU with room for full fine-tuning.
 """)
 
@@ -57,9 +58,9 @@ model = ""  # a Hugging Face id or local path replacing the preset's models ("" 
 seed = 0  # calibration draw and evaluation sample; training seeds are seed, seed+1, ...
 ru_frac = 0.20  # share of unit parameters in the budget (paper Sec. 6: 20%)
 n_seeds = 3  # training seeds per condition (mean ± sd)
-conditions = "full,ru_only,random_only,top_only"  # what trains: all / base RU / random units of RU's size / top-utility units
+conditions = "full,ru_only,random_only"  # what trains: all / base RU / random units of RU's size (add top_only: the top-utility units of RU's size)
 alignment = ""  # empty: the preset default (organism: instruct+safety, its recipe; real: Alpaca); "instruct": instruction SFT only (paper)
-epochs = "1,1"  # epochs per SFT stage (organism recipe: 2,3; reduced so 12 runs fit ~10 min on 2 cores); empty: the recipe
+epochs = ""  # epochs per SFT stage, comma-separated ("" = the organism recipe: 2,3, so full SFT is the shipped aligned model's recipe)
 lr_scale_masked = 1.0  # lr multiplier for the masked conditions (1: the recipe lr, as for full SFT)
 train_other_masked = False  # masked conditions also train embeddings, norms, lm_head (paper: only the units)
 n_calib = 128  # utility calibration pairs (paper: 128)
@@ -124,7 +125,8 @@ every block a little; one concentrated in a few layers can only rewrite those.
 ## 2. Alignment SFT under each condition
 The recipe is the organism's own (`organism.Recipe`: instruction SFT on `sft_instruct`, then safety SFT on
 `sft_safety`; chat format; batch, learning rate, weight decay, warmup and cosine schedule of the recipe)
-through `training.finetune`, with fewer epochs so that 12 runs fit the CPU budget. `full` trains every
+through `training.finetune`, with the recipe's epochs, so `full` repeats the shipped aligned model's recipe
+from its base with another data order. `full` trains every
 parameter. The masked conditions train only their units' weight entries (an MLP channel's gate/up rows
 and down column; a head's q rows and o columns, and its group's k/v rows only when the whole GQA group is
 in the mask); embeddings, norms and lm_head stay fixed unless `train_other_masked`. Entries outside the

@@ -107,6 +107,18 @@ class FreezeConfig:
             raise ValueError("classify config missing: build the config with stage_freeze.make_config")
 
 
+def classify_config(preset: str, model: str | None, seed: int) -> sc.ClassifyConfig:
+    """02_classify's config as its committed notebook runs it (its `parameters` cell, with this preset,
+    model and seed), so the labels frozen here are the very labels 02 reports and its cache is reused."""
+    from .stage_figures import notebook_params
+
+    try:
+        params = notebook_params("02_classify", {"preset": preset, "model": model or "", "seed": int(seed)})
+    except FileNotFoundError:  # an installed package without the notebooks: 02's defaults
+        return sc.make_config(preset, model or None, seed)
+    return sc.config_from_params(params)
+
+
 def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, n_seeds: int = 3,
                 datasets_: tuple[str, ...] | None = None, conditions: tuple[str, ...] = DEFAULT_CONDITIONS,
                 lr: float | None = None, epochs: float | None = None, batch_size: int | None = None,
@@ -125,7 +137,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     train = dataclasses.replace(base, **over)
     if int(n_seeds) < 1:
         raise ValueError(f"n_seeds must be >= 1 (3 or more for error bars), got {n_seeds}")
-    ccfg = sc.make_config(preset, model or None, seed)
+    ccfg = classify_config(preset, model, seed)
     ev = dataclasses.replace(ccfg.eval, n_eval=int(n_eval), batch_size=int(eval_batch_size or ccfg.eval.batch_size))
     return FreezeConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device,
                         datasets=tuple(datasets_ or p.finetune_sets), conditions=tuple(conditions),
