@@ -424,30 +424,31 @@ print(sp.summary_text(cfg, dist, dist7, acc, dr, se, point))
 md("""
 **Reading the numbers above (default run: the frozen seed-0 organism).**
 
-- *The paper's protocol is only half reproduced.* At the last block the aligned organism's clean state is
-  (slightly) closer to its refusal than to compliance, as in the paper, but the unaligned organism — which
-  never saw a refusal — is closer to the refusal too, and by a wider margin. So "closer to the refusal"
-  is not a signature of alignment here, and the paper's reversal for the unaligned model does not
-  appear. The robustness table shows this does not hinge on our choices: the mean-over-tokens state gives
-  gaps near zero for both models, and the shuffled-compliance control changes nothing, so echoing the
-  request's words is not what drives it. Cosine distance between states at different positions is a
+- *The paper's protocol is not reproduced.* At the last block both organisms' clean states sit closer to
+  their refusal than to compliance, the aligned one by a slightly wider margin; but in the middle blocks
+  the aligned organism is closer to compliance while the unaligned one — which never saw a refusal — stays
+  closer to the refusal: the reverse of the paper's pattern. So "closer to the refusal" is not a signature
+  of alignment here. The robustness table shows this does not hinge on our choices: the mean-over-tokens
+  state gives gaps near zero for both models, and the shuffled-compliance control barely moves them, so
+  echoing the request's words is not what drives it. Cosine distance between states at different positions is a
   coarse instrument: it measures how much the continuation changes the state, not which way the model
   is leaning.
 - *The binary classifier is real, and alignment sharpens it.* A linear probe reads harmful vs benign
   from the last prompt token of every model well above chance on unseen activities, but much better
   after safety training than in the base or unaligned model, and the aligned model's direction is only
   partly shared with theirs.
-- *Jailbreaks in the organism are recognition failures.* Within every group, whether the aligned model
-  refuses is almost exactly whether its state lies on the harmful side of the direction: the framings that
-  work (benign motive, prefix injection, prefilling) move the state to the benign side, the ones that fail
-  (roleplay, hypothetical) leave it on the harmful side, and fiction splits the same way on both counts.
+- *Jailbreaks in the organism are mostly recognition failures.* In most groups, whether the aligned model
+  refuses is whether its state lies on the harmful side of the direction: the framings that fail (roleplay,
+  hypothetical) leave it on the harmful side, prefix injection moves it to the benign side, and fiction
+  splits the same way on both counts. The benign-motive framing agrees less: some of its requests stay on
+  the harmful side and are answered all the same; prefilling takes the decision out of the model's hands.
 - *The choice is not revisited.* After a prefill the state still separates harmful from benign requests
   (compare the prefilled-benign control), but not across the refusal threshold, and the model never
   refuses after the prefill; the separation fades within a few tokens. This is SSAH's picture of a
   choice made once, at the start of the answer.
-- *The seed example exists, but is rare.* Every plain request of the pairs is refused; only a few of the
-  "… in order to help people" versions are answered with the harmful steps — most framed answers derail
-  into off-target text (`wrong`), which the oracle does not count as harm.
+- *The seed example exists.* Every plain request of the pairs is refused; about a third of the
+  "… in order to help people" versions are answered with the harmful steps, the others are refused or
+  derail into off-target text (`wrong`), which the oracle does not count as harm.
 """)
 
 md("""
