@@ -4,24 +4,14 @@ The notebook is generated so that its cells stay short and reviewable as code; e
 papermill (`make reproduce`) to fill in the outputs.
 """
 
+import sys
 from pathlib import Path
 
-import nbformat as nbf
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbgen import NotebookWriter  # noqa: E402
 
-OUT = Path(__file__).resolve().parent.parent / "notebooks" / "01_probe.ipynb"
-
-cells: list = []
-
-
-def md(text: str) -> None:
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text: str, tags: list[str] | None = None) -> None:
-    c = nbf.v4.new_code_cell(text.strip())
-    if tags:
-        c.metadata["tags"] = tags
-    cells.append(c)
+nbw = NotebookWriter("01_probe.ipynb")
+md, code = nbw.md, nbw.code
 
 
 md("""
@@ -468,10 +458,5 @@ md("""
    behaviour give the same |d(refusal) − d(compliance)|.
 """)
 
-nb = nbf.v4.new_notebook()
-nb.cells = cells
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nb.metadata["language_info"] = {"name": "python"}
-OUT.parent.mkdir(parents=True, exist_ok=True)
-nbf.write(nb, OUT)
-print(f"wrote {OUT} ({len(cells)} cells)")
+if __name__ == "__main__":
+    nbw.write()

@@ -5,24 +5,14 @@ The notebook is generated so that its cells stay short and reviewable as code; e
 papermill (`make reproduce`) to fill in the outputs.
 """
 
+import sys
 from pathlib import Path
 
-import nbformat as nbf
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbgen import NotebookWriter  # noqa: E402
 
-OUT = Path(__file__).resolve().parent.parent / "notebooks" / "04_alignment_budget.ipynb"
-
-cells: list = []
-
-
-def md(text: str) -> None:
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text: str, tags: list[str] | None = None) -> None:
-    c = nbf.v4.new_code_cell(text.strip())
-    if tags:
-        c.metadata["tags"] = tags
-    cells.append(c)
+nbw = NotebookWriter("04_alignment_budget.ipynb")
+md, code = nbw.md, nbw.code
 
 
 md("""
@@ -288,13 +278,5 @@ a win if the model is also aligned (it refuses harmful requests).
    refuse, and what does it cost in task accuracy?
 """)
 
-nb = nbf.v4.new_notebook()
-nb["cells"] = cells
-nb["metadata"] = {
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-}
-
 if __name__ == "__main__":
-    nbf.write(nb, OUT)
-    print(f"wrote {OUT} ({len(cells)} cells)")
+    nbw.write()

@@ -4,24 +4,14 @@ The notebook is generated so that its cells stay short and reviewable as code; e
 papermill (`make figures`) after notebooks 01-04 have filled the cache.
 """
 
+import sys
 from pathlib import Path
 
-import nbformat as nbf
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbgen import NotebookWriter  # noqa: E402
 
-OUT = Path(__file__).resolve().parent.parent / "notebooks" / "05_figures.ipynb"
-
-cells: list = []
-
-
-def md(text: str) -> None:
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text: str, tags: list[str] | None = None) -> None:
-    c = nbf.v4.new_code_cell(text.strip())
-    if tags:
-        c.metadata["tags"] = tags
-    cells.append(c)
+nbw = NotebookWriter("05_figures.ipynb")
+md, code = nbw.md, nbw.code
 
 
 md("""
@@ -284,13 +274,5 @@ not what carries this model's safety, or that this run's replicates are too nois
    and which only in direction?
 """)
 
-nb = nbf.v4.new_notebook()
-nb["cells"] = cells
-nb["metadata"] = {
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
-}
-
 if __name__ == "__main__":
-    nbf.write(nb, OUT)
-    print(f"wrote {OUT} ({len(cells)} cells)")
+    nbw.write()
