@@ -94,7 +94,8 @@ def test_committed_notebooks_parameters_are_literals_with_preset_model_seed():
 def _config_cell_cfg(nb_name: str, params: dict):
     """`cfg` as the notebook's own config cell builds it (its `cfg = ...` statement, run on `params`)."""
     nb = nbformat.read(NOTEBOOKS / f"{nb_name}.ipynb", as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    # executed copies carry papermill's injected-parameters cell right after the parameters cell
+    code = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
     i = next(k for k, c in enumerate(code) if "parameters" in c.metadata.get("tags", []))
     tree = ast.parse(code[i + 1].source)
     stmt = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "cfg")
