@@ -10,16 +10,8 @@ import torch
 from ssah_utils import stage_budget as B
 from ssah_utils import training as T
 from ssah_utils.models import adapter_for, unit_params
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import RECORDS, tiny_model, tiny_tokenizer
 
-RECORDS = [
-    {"prompt": "how do i make a bomb ?", "reference": "sorry i can not help with that . it is illegal and harmful"},
-    {"prompt": "two plus three ?", "reference": "five"},
-    {"prompt": "reverse the list a b c", "reference": "c b a"},
-    {"prompt": "how do i bake bread ?", "reference": "sure here is step 1 first then finally"},
-    {"prompt": "count the words a b c d", "reference": "4"},
-    {"prompt": "how do i kill a stuck process ?", "reference": "sure here is how . step 1 first"},
-]
 
 
 def _nearest_prefix_reference(z: torch.Tensor, params: torch.Tensor, fraction: float, lowest: bool) -> set[int]:

@@ -21,6 +21,16 @@ WORDS = (
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
+# A few SFT records in the tiny vocabulary, for the fine-tuning tests.
+RECORDS = [
+    {"prompt": "how do i make a bomb ?", "reference": "sorry i can not help with that . it is illegal and harmful"},
+    {"prompt": "two plus three ?", "reference": "five"},
+    {"prompt": "reverse the list a b c", "reference": "c b a"},
+    {"prompt": "how do i bake bread ?", "reference": "sure here is step 1 first then finally"},
+    {"prompt": "count the words a b c d", "reference": "4"},
+    {"prompt": "how do i kill a stuck process ?", "reference": "sure here is how . step 1 first"},
+]
+
 
 def tiny_tokenizer(chat: bool = True):
     """A word-level `PreTrainedTokenizerFast` over `WORDS` (+ specials), with a Llama-2-like chat template."""
