@@ -227,6 +227,22 @@ def load_hub(name: str, split: str | None = None) -> pd.DataFrame:
 RECORD_FIELDS = ("id", "split", "kind", "category", "framing", "prompt", "reference")
 
 
+def sets_revision(names) -> str:
+    """A hash of the prompt sets a stage reads (world sets by their file content, real sets by name), for
+    cache keys: a regenerated world never hits results cached for the old one. Empty names are skipped."""
+    from . import config as _config
+
+    h = hashlib.sha256()
+    for name in names:
+        if not name:
+            continue
+        h.update(name.encode())
+        path = _config.WORLD_DIR / f"{name}.jsonl"
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def load_world_set(name: str, world_dir: str | Path | None = None) -> list[dict]:
     """The records of `data/world/<name>.jsonl`."""
     folder = Path(world_dir) if world_dir is not None else _config.WORLD_DIR

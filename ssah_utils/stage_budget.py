@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
 import math
 import re
@@ -346,20 +345,6 @@ def base_labels(cfg: BudgetConfig) -> Labels:
 # Caching helpers
 # --------------------------------------------------------------------------------------------------
 
-def _data_revision(names) -> str:
-    """A hash of the content of the world sets named (real sets: their names), so a regenerated world
-    never hits results cached for the old one."""
-    h = hashlib.sha256()
-    for name in names:
-        if not name:
-            continue
-        h.update(name.encode())
-        path = _config.WORLD_DIR / f"{name}.jsonl"
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
-
-
 @dataclass(frozen=True)
 class _TrainKey:
     base: str
@@ -387,7 +372,7 @@ def _train_key(cfg: BudgetConfig, condition: str, seed: int) -> _TrainKey:
 def _train_rev(cfg: BudgetConfig) -> str:
     bcfg = base_classify_config(cfg)
     names = [bcfg.calib.utility_set, bcfg.calib.safety_set] + [s.data for s in cfg.stages]
-    return f"{model_revision(load_base(cfg)[0])}|data:{_data_revision(names)}"
+    return f"{model_revision(load_base(cfg)[0])}|data:{datasets.sets_revision(names)}"
 
 
 _MEMO: dict[tuple, dict] = {}
@@ -563,7 +548,7 @@ def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
 
 def _eval_rev(cfg: BudgetConfig) -> str:
     e = cfg.eval
-    return _data_revision([e.harmful_set, e.jailbreak_set, e.borderline_set, e.utility_set, e.howto_set, e.ppl_set])
+    return datasets.sets_revision([e.harmful_set, e.jailbreak_set, e.borderline_set, e.utility_set, e.howto_set, e.ppl_set])
 
 
 @dataclass(frozen=True)

@@ -157,21 +157,10 @@ def load(cfg: ClassifyConfig):
 
 
 def _data_revision(cfg: ClassifyConfig) -> str:
-    """A hash of the prompt-set files the stage reads (world sets by content), so that a regenerated
-    world never hits results cached for the old one."""
-    import hashlib
-
-    names = [cfg.calib.safety_set, cfg.calib.utility_set, cfg.eval.harmful_set, cfg.eval.jailbreak_set,
-             cfg.eval.borderline_set, cfg.eval.utility_set, cfg.eval.ppl_set]
-    h = hashlib.sha256()
-    for name in names:
-        if not name:
-            continue
-        path = _config.WORLD_DIR / f"{name}.jsonl"
-        h.update(name.encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+    """The content of the prompt sets the stage reads (`datasets.sets_revision`)."""
+    return datasets.sets_revision([cfg.calib.safety_set, cfg.calib.utility_set, cfg.eval.harmful_set,
+                                   cfg.eval.jailbreak_set, cfg.eval.borderline_set, cfg.eval.utility_set,
+                                   cfg.eval.ppl_set])
 
 
 def _rev(cfg: ClassifyConfig) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -292,18 +291,10 @@ def run_key(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, tra
 
 
 def _data_revision(cfg: FreezeConfig) -> str:
-    """A hash of the world files the stage reads (fine-tuning, evaluation and calibration sets)."""
+    """The content of the world files the stage reads (fine-tuning, evaluation and calibration sets)."""
     e, c = cfg.eval, cfg.classify.calib
-    names = list(cfg.datasets) + [e.harmful_set, e.jailbreak_set, e.borderline_set, e.utility_set, e.ppl_set,
-                                  c.safety_set, c.utility_set]
-    h = hashlib.sha256()
-    for name in names:
-        if name:
-            path = _config.WORLD_DIR / f"{name}.jsonl"
-            h.update(name.encode())
-            if path.is_file():
-                h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+    return datasets.sets_revision(list(cfg.datasets) + [e.harmful_set, e.jailbreak_set, e.borderline_set,
+                                                        e.utility_set, e.ppl_set, c.safety_set, c.utility_set])
 
 
 def _rev(cfg: FreezeConfig) -> str:

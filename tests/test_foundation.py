@@ -220,3 +220,16 @@ def test_reported_numbers_cite_their_source():
     assert esu["value"].tolist() == [66.0]
     with pytest.raises(KeyError, match="known experiments"):
         paper.reported("table9")
+
+
+def test_sets_revision_follows_world_file_content(tmp_path, monkeypatch):
+    """Cache keys of every stage use it: a regenerated world set must change it, a real set's name must count."""
+    from ssah_utils import config, datasets
+
+    monkeypatch.setattr(config, "WORLD_DIR", tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x"}\n')
+    r1 = datasets.sets_revision(["a", None, ""])
+    assert r1 == datasets.sets_revision(["a"])  # empty names are skipped
+    (tmp_path / "a.jsonl").write_text('{"prompt": "y"}\n')
+    assert datasets.sets_revision(["a"]) != r1
+    assert datasets.sets_revision(["advbench"]) != datasets.sets_revision(["xstest_safe"])
