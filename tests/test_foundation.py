@@ -3,8 +3,6 @@
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import matplotlib
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssah_utils import config, stage_classify as sc, stage_freeze as sf
-from ssah_utils.models import UnitMask, unit_params
+from ssah_utils.models import unit_params
 from ssah_utils.units import label_units
 
 
