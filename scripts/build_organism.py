@@ -26,14 +26,15 @@ from ssah_utils import config, organism, world  # noqa: E402
 
 
 def _build_and_eval(seed: int, out: Path, recipe: organism.Recipe, sets: dict, sample: int | None,
-                    train_sets: dict | None = None, eval_only: bool = False) -> tuple[dict, object]:
+                    train_sets: dict | None = None, eval_only: bool = False,
+                    device: str = "cpu") -> tuple[dict, object]:
     t0 = time.perf_counter()
     if eval_only:  # evaluate an existing build (e.g. after an interrupted run) and rewrite its cards
         meta = json.loads((out / "build_meta.json").read_text())
     else:
-        meta = organism.build_all(seed, out, recipe=recipe, sets=train_sets or sets)
+        meta = organism.build_all(seed, out, recipe=recipe, sets=train_sets or sets, device=device)
     t1 = time.perf_counter()
-    res = organism.evaluate_organism(out, sets=sets, sample=sample)
+    res = organism.evaluate_organism(out, sets=sets, sample=sample, device=device)
     meta["eval_seconds"] = time.perf_counter() - t1
     if not eval_only:
         meta["total_seconds"] = time.perf_counter() - t0

@@ -62,6 +62,13 @@ class Recipe:
     threads: int = 2
     world_seed: int = _world.WORLD_SEED
     recovery_examples: int = 0  # off by default: refusals after a compliant start (not in real data)
+    # pre-training replay during SFT (raw-text blocks per SFT step, next-token loss added to the SFT loss),
+    # as in InstructGPT's "PPO-ptx" mix; 0 = plain SFT
+    instruct_replay: int = 0
+    safety_replay: int = 0
+    # fraction of the pre-training request/answer documents rendered in the chat format instead of the raw
+    # one (modern base models see chat transcripts in their pre-training data); 0 = raw format only
+    pretrain_chat_frac: float = 0.0
 
     def tiny(self) -> "Recipe":
         """A few steps of each stage: for the test suite (seconds)."""
@@ -111,9 +118,15 @@ def make_model(recipe: Recipe, tokenizer, seed: int):
     return model
 
 
-def set_determinism(threads: int) -> None:
+def set_determinism(threads: int, warn_only: bool = False) -> None:
+    """Fixed threads and deterministic kernels (`warn_only`: ops without a deterministic CUDA kernel warn
+    instead of failing; used for GPU experiments, never for the shipped CPU build)."""
+    import os
+
+    # cuBLAS needs a fixed workspace for deterministic matmuls on CUDA (set before its first use)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,25 +147,43 @@ def _optimizer(model, lr: float, wd: float):
                              lr=lr, betas=(0.9, 0.98))
 
 
-def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=print) -> dict:
-    """Next-token pre-training on packed documents (`<s> text </s>` concatenated, cut into blocks)."""
+def _blocks(tokenizer, texts: list[str], L: int, seed: int):
+    """An endless stream of `L`-token blocks of packed documents (`<s> text </s>`), reshuffled each pass."""
     rng = random.Random(seed)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     encoded = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        stream: list[int] = []
+        for i in order:
+            stream.extend(encoded[i])
+            while len(stream) >= L:
+                yield stream[:L]
+                stream = stream[L:]
+
+
+def pretrain_texts(docs: list[dict], recipe: Recipe, seed: int) -> list[str]:
+    """The pre-training documents as text; a `recipe.pretrain_chat_frac` share of the request/answer
+    documents is rendered as a chat transcript (`[INST] request [/INST] answer`, the chat template's
+    tokens) instead of the raw instruction format."""
+    if not 0.0 <= recipe.pretrain_chat_frac <= 1.0:
+        raise ValueError(f"pretrain_chat_frac must be in [0, 1], got {recipe.pretrain_chat_frac}")
+    rng = random.Random(seed + 7)
+    out = []
+    for d in docs:
+        if recipe.pretrain_chat_frac and d.get("prompt") and rng.random() < recipe.pretrain_chat_frac:
+            out.append(f"[INST] {d['prompt']} [/INST] {d['reference']}")
+        else:
+            out.append(d["text"])
+    return out
+
+
+def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=print) -> dict:
+    """Next-token pre-training on packed documents (`<s> text </s>` concatenated, cut into blocks)."""
     L, B = recipe.pretrain_seq_len, recipe.pretrain_batch
-
-    def blocks():
-        while True:
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            stream: list[int] = []
-            for i in order:
-                stream.extend(encoded[i])
-                while len(stream) >= L:
-                    yield stream[:L]
-                    stream = stream[L:]
-
-    it = blocks()
+    device = next(model.parameters()).device
+    it = _blocks(tokenizer, texts, L, seed)
     opt = _optimizer(model, recipe.pretrain_lr, recipe.weight_decay)
     total = recipe.pretrain_steps
     warm = max(1, int(recipe.warmup_frac * total))
@@ -162,7 +193,7 @@ def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=
     for step in range(total):
         for g in opt.param_groups:
             g["lr"] = recipe.pretrain_lr * _schedule(step, total, warm)
-        x = torch.tensor([next(it) for _ in range(B)])  # [B, L]
+        x = torch.tensor([next(it) for _ in range(B)], device=device)  # [B, L]
         out = model(input_ids=x, labels=x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -177,10 +208,18 @@ def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=
 
 
 def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, recipe: Recipe, seed: int,
-        stage: str = "sft", log=print) -> dict:
-    """Supervised fine-tuning in chat format, loss on response tokens only (`encode_pairs`)."""
+        stage: str = "sft", replay_texts: list[str] | None = None, replay_batch: int = 0, log=print) -> dict:
+    """Supervised fine-tuning in chat format, loss on response tokens only (`encode_pairs`).
+
+    With `replay_batch` > 0, each step also takes `replay_batch` packed blocks of `replay_texts`
+    (pre-training text) and adds their next-token loss to the SFT loss (pre-training replay).
+    """
     from .config import ORGANISM_SYSTEM_PROMPT
 
+    if replay_batch < 0 or (replay_batch and not replay_texts):
+        raise ValueError("replay_batch must be >= 0, and replay needs replay_texts (the pre-training documents)")
+    device = next(model.parameters()).device
+    replay = _blocks(tokenizer, replay_texts, recipe.pretrain_seq_len, seed + 1000) if replay_batch else None
     rng = random.Random(seed)
     B = recipe.sft_batch
     n_steps = max(1, int(round(epochs * len(records) / B)))
@@ -201,11 +240,14 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
         sysp = ORGANISM_SYSTEM_PROMPT if rng.random() < recipe.system_prompt_rate else None
         enc = encode_pairs(tokenizer, [r["prompt"] for r in batch], [r["reference"] for r in batch],
                            style="chat", system_prompt=sysp)
-        ids, am, rm = enc["input_ids"], enc["attention_mask"], enc["response_mask"]
+        ids, am, rm = (enc[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
         logits = model(input_ids=ids, attention_mask=am).logits  # [B, T, V]
         tgt = ids[:, 1:].masked_fill(rm[:, 1:] == 0, -100)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                  ignore_index=-100)
+        if replay is not None:
+            x = torch.tensor([next(replay) for _ in range(replay_batch)], device=device)
+            loss = loss + model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -240,30 +282,34 @@ def save_model(model, tokenizer, folder: Path) -> None:
 
 
 def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, sets: dict | None = None,
-              log=print) -> dict:
+              device: str = "cpu", log=print) -> dict:
     """Build base, unaligned and aligned from scratch into `out_dir/{base,unaligned,aligned}`.
 
     Returns the training metadata (steps, tokens, seconds, losses) per model; evaluation and model
-    cards are separate (`evaluate_organism`, `write_model_cards`).
+    cards are separate (`evaluate_organism`, `write_model_cards`). The shipped build runs on CPU
+    (`device="cpu"`); `device="cuda"` is for fast recipe experiments (weights then differ in the last bits).
     """
     import copy
 
     recipe = recipe or Recipe()
-    set_determinism(recipe.threads)
+    set_determinism(recipe.threads, warn_only=not str(device).startswith("cpu"))
     out = Path(out_dir)
     sets = sets if sets is not None else _world.build_world(recipe.world_seed)
     tok = build_tokenizer(_world.all_texts(sets))
     meta: dict = {"seed": seed, "recipe": asdict(recipe), "vocab_size": len(tok)}
     t_all = time.perf_counter()
 
-    model = make_model(recipe, tok, seed)
+    model = make_model(recipe, tok, seed).to(device)
+    meta["device"] = device
     meta["n_params"] = sum(p.numel() for p in model.parameters())
-    meta["base"] = pretrain(model, tok, [d["text"] for d in sets["pretrain"]], recipe, seed, log=log)
+    raw = pretrain_texts(sets["pretrain"], recipe, seed)
+    meta["base"] = pretrain(model, tok, raw, recipe, seed, log=log)
     save_model(model, tok, out / "base")
 
     unaligned = copy.deepcopy(model)
     meta["unaligned"] = sft(unaligned, tok, sets["sft_instruct"], epochs=recipe.instruct_epochs,
-                            lr=recipe.instruct_lr, recipe=recipe, seed=seed + 1, stage="instruct", log=log)
+                            lr=recipe.instruct_lr, recipe=recipe, seed=seed + 1, stage="instruct",
+                            replay_texts=raw, replay_batch=recipe.instruct_replay, log=log)
     save_model(unaligned, tok, out / "unaligned")
 
     aligned = copy.deepcopy(unaligned)
@@ -271,7 +317,8 @@ def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, s
     if recipe.recovery_examples:
         safety += recovery_records(sets, recipe.recovery_examples, seed)
     meta["aligned"] = sft(aligned, tok, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr,
-                          recipe=recipe, seed=seed + 2, stage="safety", log=log)
+                          recipe=recipe, seed=seed + 2, stage="safety", replay_texts=raw,
+                          replay_batch=recipe.safety_replay, log=log)
     save_model(aligned, tok, out / "aligned")
     meta["train_seconds"] = time.perf_counter() - t_all
     (out / "build_meta.json").write_text(json.dumps(meta, indent=1))
@@ -292,7 +339,7 @@ EVAL_SETS = ("harmful_test", "harmful_heldout", "jailbreak_test", "borderline_te
 
 
 def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample: int | None = None,
-                      log=print) -> dict:
+                      device: str = "cpu", log=print) -> dict:
     """Behaviour of the three models on the world's test sets (greedy, oracle judge).
 
     Returns {"rows": per-record DataFrame (all models), "summary": one-row-per-model DataFrame,
@@ -314,7 +361,7 @@ def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample
     for m in MODEL_NAMES:
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(Path(model_dir) / m)
-        model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / m)
+        model = AutoModelForCausalLM.from_pretrained(Path(model_dir) / m).to(device)
         model.eval()
         style, _ = EVAL_PLAN[m]
         df = evaluate_behaviour(model, tok, recs, style=style)

@@ -67,6 +67,38 @@ def test_tiny_build_is_deterministic(sets, tmp_path):
     assert a["n_params"] > 0 and a["base"]["steps"] == recipe.pretrain_steps
 
 
+def test_recipe_options_replay_and_chat_pretraining(sets, tmp_path):
+    """The experiment knobs of the recipe (scripts/sweep_organism.py): chat-rendered pre-training
+    documents and pre-training replay during SFT. Replay changes the SFT result; bad values fail."""
+    from dataclasses import replace
+
+    docs = sets["pretrain"][:400]
+    plain = organism.pretrain_texts(docs, organism.Recipe(), 0)
+    assert plain == [d["text"] for d in docs]
+    chat = organism.pretrain_texts(docs, replace(organism.Recipe(), pretrain_chat_frac=0.5), 0)
+    n_chat = sum(t.startswith("[INST] ") for t in chat)
+    assert 0.3 * len(docs) < n_chat < 0.7 * len(docs)
+    d = next(d for d, t in zip(docs, chat) if t.startswith("[INST] "))
+    assert f"[INST] {d['prompt']} [/INST] {d['reference']}" in chat
+    with pytest.raises(ValueError, match="pretrain_chat_frac"):
+        organism.pretrain_texts(docs, replace(organism.Recipe(), pretrain_chat_frac=1.5), 0)
+
+    small = {**sets, "pretrain": docs, "sft_instruct": sets["sft_instruct"][:100], "sft_safety": sets["sft_safety"][:100]}
+    recipe = organism.Recipe().tiny()
+    organism.build_all(3, tmp_path / "plain", recipe=recipe, sets=small, log=None)
+    organism.build_all(3, tmp_path / "replay", recipe=replace(recipe, instruct_replay=2), sets=small, log=None)
+    from safetensors.torch import load_file
+
+    base = [load_file(str(tmp_path / k / "base" / "model.safetensors")) for k in ("plain", "replay")]
+    una = [load_file(str(tmp_path / k / "unaligned" / "model.safetensors")) for k in ("plain", "replay")]
+    assert all(torch.equal(base[0][k], base[1][k]) for k in base[0])  # replay leaves pre-training alone
+    assert any(not torch.equal(una[0][k], una[1][k]) for k in una[0])
+    with pytest.raises(ValueError, match="replay"):
+        organism.sft(organism.make_model(recipe, organism.build_tokenizer(world.all_texts(small)), 0),
+                     organism.build_tokenizer(world.all_texts(small)), small["sft_instruct"][:8], epochs=0.1, lr=1e-3,
+                     recipe=recipe, seed=0, replay_batch=2, log=None)
+
+
 def test_tiny_build_script_runs_and_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Recipe experiments for the model organism: build and evaluate variants of `organism.Recipe`,
+one row of behaviour per (variant, seed, model), in parallel processes.
+
+  python scripts/sweep_organism.py --out runs/sweep --device cuda --jobs 6 --seeds 0 1 \\
+      --variant shipped --variant replay8:instruct_replay=8,safety_replay=8
+
+A variant is `name` (the shipped recipe) or `name:field=value,field=value` (fields of
+`organism.Recipe`). Weights are written to a temporary folder and dropped; what stays is
+`OUT/sweep.csv` (all rows) and `OUT/<variant>-s<seed>/behaviour_summary.csv` + `build_meta.json`.
+Numbers from `--device cuda` differ from a CPU build in the last bits of the weights: use the sweep
+to choose a recipe, then rebuild on CPU (`make organism`) and report the CPU build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ssah_utils import organism, world  # noqa: E402
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`name:field=value,...` -> (name, {field: typed value}); unknown fields are an error."""
+    name, _, rest = spec.partition(":")
+    types = {f.name: type(getattr(organism.Recipe(), f.name)) for f in fields(organism.Recipe)}
+    over: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or key not in types:
+            raise SystemExit(f"bad override {item!r} in variant {spec!r}; fields of Recipe: {', '.join(types)}")
+        over[key] = types[key](val)
+    if not name:
+        raise SystemExit(f"variant {spec!r} needs a name before ':'")
+    return name, over
+
+
+def run_one(spec: str, seed: int, out: Path, device: str) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    name, over = parse_variant(spec)
+    recipe = replace(organism.Recipe(), **over)
+    sets = world.build_world(recipe.world_seed)
+    dest = out / f"{name}-s{seed}"
+    dest.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"sweep-{name}-") as tmp:
+        meta = organism.build_all(seed, tmp, recipe=recipe, sets=sets, device=device, log=None)
+        res = organism.evaluate_organism(tmp, sets=sets, device=device, log=None)
+    meta["total_seconds"] = time.perf_counter() - t0
+    summary = res["summary"]
+    summary.insert(0, "seed", seed)
+    summary.insert(0, "variant", name)
+    summary.to_csv(dest / "behaviour_summary.csv", index=False)
+    res["per_framing"].to_csv(dest / "per_framing.csv", index=False)
+    # per-task accuracy: where the utility number comes from
+    rows = res["rows"]
+    ut = rows[rows["set"] == "utility_test"]
+    ut.groupby(["model", "task"])["verdict"].apply(lambda v: (v == "correct").mean()).unstack(0).to_csv(
+        dest / "per_task.csv")
+    (dest / "build_meta.json").write_text(json.dumps({**meta, "variant": spec}, indent=1))
+    print(f"[sweep] {name} seed {seed}: {meta['total_seconds']:.0f} s", flush=True)
+
+
+def collect(out: Path):
+    """Gather every finished build under `out` into `sweep.csv` and `per_task_all.csv` (rewritten after
+    each build, so an interrupted sweep keeps what it finished)."""
+    import pandas as pd
+
+    parts = [pd.read_csv(f) for f in sorted(out.glob("*/behaviour_summary.csv"))]
+    if not parts:
+        return None
+    table = pd.concat(parts, ignore_index=True)
+    table.to_csv(out / "sweep.csv", index=False)
+    tasks = []
+    for f in sorted(out.glob("*/per_task.csv")):
+        name, _, seed = f.parent.name.rpartition("-s")
+        tasks.append(pd.read_csv(f).assign(variant=name, seed=int(seed)))
+    if tasks:
+        pd.concat(tasks, ignore_index=True).to_csv(out / "per_task_all.csv", index=False)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", required=True, help="name or name:field=value,...")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="variant builds run at once (separate processes)")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one variant, one seed
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    for spec in args.variant:
+        parse_variant(spec)  # fail before starting anything
+    if args.one:
+        run_one(args.variant[0], args.seeds[0], out, args.device)
+        return 0
+    todo = [(v, s) for s in args.seeds for v in args.variant]
+    running: list[tuple[subprocess.Popen, str]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            v, s = todo.pop(0)
+            cmd = [sys.executable, __file__, "--one", "--variant", v, "--seeds", str(s), "--out", str(out),
+                   "--device", args.device]
+            running.append((subprocess.Popen(cmd), f"{v} seed {s}"))
+        time.sleep(1)
+        for p, what in list(running):
+            if p.poll() is not None:
+                running.remove((p, what))
+                if p.returncode:
+                    failed.append(what)
+                collect(out)
+    table = collect(out)
+    if table is not None:
+        cols = ["variant", "seed", "model", "harmful_compliance", "heldout_compliance", "task_accuracy",
+                "borderline_refusal", "benign_refusal", "howto_accuracy"]
+        print(table[[c for c in cols if c in table.columns]].round(3).to_string())
+    if failed:
+        print("[sweep] FAILED: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
