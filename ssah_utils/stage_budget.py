@@ -240,7 +240,8 @@ def classify_config(cfg: BudgetConfig, spec: str, *, style: str = "chat", safety
     c = sc.make_config(cfg.preset, cfg.model or None, cfg.seed, n_calib=cfg.n_calib, n_calib_seeds=n_calib_seeds,
                        safety_responses=safety_responses, wifv_variant=cfg.wifv_variant,
                        threshold_rule=cfg.threshold_rule, batch_size=cfg.classify_batch_size)
-    return dataclasses.replace(c, model=spec, compare_scorers=(), calib=dataclasses.replace(c.calib, style=style))
+    return dataclasses.replace(c, model=spec, dtype=cfg.dtype, device=cfg.device, compare_scorers=(),
+                               calib=dataclasses.replace(c.calib, style=style))
 
 
 def base_classify_config(cfg: BudgetConfig) -> sc.ClassifyConfig:
@@ -251,8 +252,9 @@ def base_classify_config(cfg: BudgetConfig) -> sc.ClassifyConfig:
 
 def reference_classify_config(cfg: BudgetConfig) -> sc.ClassifyConfig:
     """02_classify's own default config for the preset's aligned model (its cached labels are reused)."""
-    return sc.make_config(cfg.preset, cfg.model or None, cfg.seed, n_calib=cfg.n_calib, wifv_variant=cfg.wifv_variant,
-                          threshold_rule=cfg.threshold_rule, batch_size=cfg.classify_batch_size)
+    c = sc.make_config(cfg.preset, cfg.model or None, cfg.seed, n_calib=cfg.n_calib, wifv_variant=cfg.wifv_variant,
+                       threshold_rule=cfg.threshold_rule, batch_size=cfg.classify_batch_size)
+    return dataclasses.replace(c, dtype=cfg.dtype, device=cfg.device)
 
 
 def load_base(cfg: BudgetConfig):
