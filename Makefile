@@ -24,7 +24,7 @@ TEST_ENV     := OMP_NUM_THREADS=$(THREADS) SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if 
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-unit test-notebooks organism figures bench lab clean clean-env
+.PHONY: help env reproduce test test-unit test-notebooks organism figures bench gpu-check lab clean clean-env
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -72,6 +72,11 @@ figures: $(STAMP) notebooks/05_figures.ipynb $(PKG_SRC) ## Redraw every figure a
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b; done
+
+DEVICE       ?= cuda
+DTYPE        ?= bfloat16
+gpu-check: $(STAMP) ## Check the real-model path (4 tiny families + the organism) on DEVICE/DTYPE; report in runs/gpu_check
+	$(PY) bench/gpu_check.py --device $(DEVICE) --dtype $(DTYPE) --out runs/gpu_check
 
 lab: $(STAMP) ## Open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks/
