@@ -91,9 +91,49 @@ def collect(out: Path):
     return table
 
 
+REPORT_COLS = [("unaligned", "task_accuracy", "unaligned task acc."),
+               ("unaligned", "harmful_compliance", "unaligned harmful compl."),
+               ("aligned", "harmful_compliance", "aligned harmful compl. (plain)"),
+               ("aligned", "heldout_compliance", "aligned harmful compl. (held-out)"),
+               ("aligned", "borderline_refusal", "aligned borderline refusal"),
+               ("aligned", "task_accuracy", "aligned task acc."),
+               ("aligned", "jb_prefilling", "aligned prefilling compl.")]
+
+
+def report_md(out: Path) -> str:
+    """Markdown: mean ± sd over seeds per variant for the issue-3 metrics, the recipe of each variant,
+    and list reversal (the fragile task) per seed."""
+    import pandas as pd
+
+    t = pd.read_csv(out / "sweep.csv")
+    specs = {}
+    for f in out.glob("*/build_meta.json"):
+        specs[json.loads(f.read_text()).get("variant", "").partition(":")[0]] = json.loads(f.read_text()).get("variant")
+    lines = ["| variant | seeds | " + " | ".join(c[2] for c in REPORT_COLS) + " |",
+             "|---|---|" + "---|" * len(REPORT_COLS)]
+    for v, g in t.groupby("variant", sort=False):
+        cells = []
+        for model, col, _ in REPORT_COLS:
+            x = 100 * g[g["model"] == model][col]
+            cells.append(f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}")
+        lines.append(f"| {v} | {g['seed'].nunique()} | " + " | ".join(cells) + " |")
+    lines += ["", "Variants (overrides of `organism.Recipe`):", ""]
+    lines += [f"- `{v}`: {specs.get(v) or v}" for v in t["variant"].unique()]
+    pt = out / "per_task_all.csv"
+    if pt.is_file():
+        r = pd.read_csv(pt)
+        r = r[r["task"] == "reverse"].pivot_table(index="variant", columns="seed", values="unaligned")
+        lines += ["", "List reversal accuracy of the unaligned model, per seed:", "",
+                  "| variant | " + " | ".join(f"seed {c}" for c in r.columns) + " |", "|---|" + "---|" * len(r.columns)]
+        lines += [f"| {v} | " + " | ".join("" if x != x else f"{100 * x:.0f}%" for x in row) + " |"
+                  for v, row in r.iterrows()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", action="append", required=True, help="name or name:field=value,...")
+    ap.add_argument("--variant", action="append", help="name or name:field=value,...")
+    ap.add_argument("--report", action="store_true", help="only write OUT/REPORT.md from the finished builds in OUT")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--device", default="cpu")
@@ -101,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one variant, one seed
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.report:
+        if not (out / "sweep.csv").is_file():
+            raise SystemExit(f"{out}/sweep.csv not found: run the sweep into --out first")
+        (out / "REPORT.md").write_text(report_md(out) + "\n")
+        print((out / "REPORT.md").read_text())
+        return 0
+    if not args.variant:
+        raise SystemExit("give at least one --variant (or --report)")
     for spec in args.variant:
         parse_variant(spec)  # fail before starting anything
     if args.one:
