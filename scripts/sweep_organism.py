@@ -4,6 +4,9 @@ one row of behaviour per (variant, seed, model), in parallel processes.
 
   python scripts/sweep_organism.py --out runs/sweep --device cuda --jobs 6 --seeds 0 1 \\
       --variant shipped --variant replay8:instruct_replay=8,safety_replay=8
+  python scripts/sweep_organism.py --out runs/safety --reuse data/organism --seeds 0 \
+      --variant shipped --variant se5:safety_epochs=5.0     # only the safety SFT redone (about a minute each)
+  python scripts/sweep_organism.py --out runs/sweep --report  # OUT/REPORT.md: mean ± sd per variant
 
 A variant is `name` (the shipped recipe) or `name:field=value,field=value` (fields of
 `organism.Recipe`). Weights are written to a temporary folder and dropped; what stays is
@@ -44,7 +47,24 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, over
 
 
-def run_one(spec: str, seed: int, out: Path, device: str) -> None:
+def _safety_only(tmp: Path, reuse: Path, recipe, seed: int, sets: dict, device: str) -> dict:
+    """base and unaligned copied from an existing build; only the safety SFT is redone with `recipe`."""
+    import shutil
+    from dataclasses import asdict
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for m in ("base", "unaligned"):
+        shutil.copytree(reuse / m, tmp / m)
+    organism.set_determinism(recipe.threads, warn_only=not device.startswith("cpu"))
+    tok = AutoTokenizer.from_pretrained(tmp / "unaligned")
+    model = AutoModelForCausalLM.from_pretrained(tmp / "unaligned").to(device)
+    st = organism.safety_sft(model, tok, sets, recipe, seed, log=None)
+    organism.save_model(model, tok, tmp / "aligned")
+    return {"seed": seed, "recipe": asdict(recipe), "reused_unaligned": str(reuse), "aligned": st}
+
+
+def run_one(spec: str, seed: int, out: Path, device: str, reuse: Path | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -55,12 +75,14 @@ def run_one(spec: str, seed: int, out: Path, device: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{name}-") as tmp:
-        meta = organism.build_all(seed, tmp, recipe=recipe, sets=sets, device=device, log=None)
+        meta = (_safety_only(Path(tmp), reuse, recipe, seed, sets, device) if reuse else
+                organism.build_all(seed, tmp, recipe=recipe, sets=sets, device=device, log=None))
         res = organism.evaluate_organism(tmp, sets=sets, device=device, log=None)
     meta["total_seconds"] = time.perf_counter() - t0
     summary = res["summary"]
     summary.insert(0, "seed", seed)
     summary.insert(0, "variant", name)
+    summary["spec"] = spec
     summary.to_csv(dest / "behaviour_summary.csv", index=False)
     res["per_framing"].to_csv(dest / "per_framing.csv", index=False)
     # per-task accuracy: where the utility number comes from
@@ -106,9 +128,10 @@ def report_md(out: Path) -> str:
     import pandas as pd
 
     t = pd.read_csv(out / "sweep.csv")
-    specs = {}
-    for f in out.glob("*/build_meta.json"):
-        specs[json.loads(f.read_text()).get("variant", "").partition(":")[0]] = json.loads(f.read_text()).get("variant")
+    specs = dict(zip(t["variant"], t["spec"])) if "spec" in t.columns else {}
+    for f in out.glob("*/build_meta.json"):  # sweeps written before the spec column
+        spec = json.loads(f.read_text()).get("variant", "")
+        specs.setdefault(spec.partition(":")[0], spec)
     lines = ["| variant | seeds | " + " | ".join(c[2] for c in REPORT_COLS) + " |",
              "|---|---|" + "---|" * len(REPORT_COLS)]
     for v, g in t.groupby("variant", sort=False):
@@ -138,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="variant builds run at once (separate processes)")
+    ap.add_argument("--reuse", default=None,
+                    help="an organism folder (e.g. data/organism): keep its base and unaligned, redo only the safety "
+                         "SFT (seconds; the seed must be the one that folder was built with)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one variant, one seed
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.reuse and not (Path(args.reuse) / "unaligned" / "config.json").is_file():
+        raise SystemExit(f"--reuse {args.reuse}: no unaligned model there (expected {args.reuse}/unaligned/config.json)")
     if args.report:
         if not (out / "sweep.csv").is_file():
             raise SystemExit(f"{out}/sweep.csv not found: run the sweep into --out first")
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.variant:
         parse_variant(spec)  # fail before starting anything
     if args.one:
-        run_one(args.variant[0], args.seeds[0], out, args.device)
+        run_one(args.variant[0], args.seeds[0], out, args.device, Path(args.reuse) if args.reuse else None)
         return 0
     todo = [(v, s) for s in args.seeds for v in args.variant]
     running: list[tuple[subprocess.Popen, str]] = []
@@ -161,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         while todo and len(running) < args.jobs:
             v, s = todo.pop(0)
             cmd = [sys.executable, __file__, "--one", "--variant", v, "--seeds", str(s), "--out", str(out),
-                   "--device", args.device]
+                   "--device", args.device] + (["--reuse", str(Path(args.reuse).resolve())] if args.reuse else [])
             running.append((subprocess.Popen(cmd), f"{v} seed {s}"))
         time.sleep(1)
         for p, what in list(running):

@@ -281,6 +281,16 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def safety_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=print) -> dict:
+    """The aligned stage: safety SFT of an unaligned model, in place (the last step of `build_all`)."""
+    safety = list(sets["sft_safety"])
+    if recipe.recovery_examples:
+        safety += recovery_records(sets, recipe.recovery_examples, seed)
+    return sft(model, tokenizer, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr, recipe=recipe,
+               seed=seed + 2, stage="safety", replay_texts=pretrain_texts(sets["pretrain"], recipe, seed),
+               replay_batch=recipe.safety_replay, log=log)
+
+
 def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, sets: dict | None = None,
               device: str = "cpu", log=print) -> dict:
     """Build base, unaligned and aligned from scratch into `out_dir/{base,unaligned,aligned}`.
@@ -313,12 +323,7 @@ def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, s
     save_model(unaligned, tok, out / "unaligned")
 
     aligned = copy.deepcopy(unaligned)
-    safety = list(sets["sft_safety"])
-    if recipe.recovery_examples:
-        safety += recovery_records(sets, recipe.recovery_examples, seed)
-    meta["aligned"] = sft(aligned, tok, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr,
-                          recipe=recipe, seed=seed + 2, stage="safety", replay_texts=raw,
-                          replay_batch=recipe.safety_replay, log=log)
+    meta["aligned"] = safety_sft(aligned, tok, sets, recipe, seed, log=log)
     save_model(aligned, tok, out / "aligned")
     meta["train_seconds"] = time.perf_counter() - t_all
     (out / "build_meta.json").write_text(json.dumps(meta, indent=1))
