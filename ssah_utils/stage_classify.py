@@ -293,6 +293,14 @@ def scores(cfg: ClassifyConfig) -> dict:
 _LABELS: dict[tuple, Labels] = {}
 
 
+def _label(cfg: ClassifyConfig, shape, scorer: str, raw: dict, z: dict | None) -> Labels:
+    """Labels from the S/U scores of one draw: the authors' per-matrix z-scores when the WIFV variant is
+    "authors" (`z`), else the raw scores, with the config's h and threshold rule."""
+    if scorer == "wifv" and cfg.wifv_variant == "authors":
+        return label_units(z["S"], z["U"], shape, cfg.h, cfg.threshold_rule, standardized=True)
+    return label_units(raw["S"], raw["U"], shape, cfg.h, cfg.threshold_rule)
+
+
 def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = None) -> Labels:
     """The ESU/EUU/CU/RU labels of one calibration draw (default: the first seed) and scorer."""
     sc = scores(cfg)["scores"]
@@ -301,12 +309,27 @@ def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = No
     key = (id(sc), draw, scorer, cfg.h, cfg.threshold_rule, cfg.wifv_variant)
     if key not in _LABELS:
         shape = adapter_for(load(cfg)[0]).shape
-        if scorer == "wifv" and cfg.wifv_variant == "authors":
-            _LABELS[key] = label_units(sc[f"{draw}/wifv_authors_z/S"], sc[f"{draw}/wifv_authors_z/U"], shape, cfg.h,
-                                       cfg.threshold_rule, standardized=True)
-        else:
-            _LABELS[key] = label_units(sc[f"{draw}/{scorer}/S"], sc[f"{draw}/{scorer}/U"], shape, cfg.h, cfg.threshold_rule)
+        raw = {t: sc[f"{draw}/{scorer}/{t}"] for t in "SU"}
+        z = {t: sc[f"{draw}/wifv_authors_z/{t}"] for t in "SU"} if f"{draw}/wifv_authors_z/S" in sc else None
+        _LABELS[key] = _label(cfg, shape, scorer, raw, z)
     return _LABELS[key]
+
+
+def label_model(cfg: ClassifyConfig, model, tok, draw: str | None = None) -> Labels:
+    """Labels of any `model` (e.g. the aligned model after fine-tuning, 03) scored on the calibration
+    pairs of `draw` (default: the first seed) with this config's scorer, h and threshold rule: the code
+    path of `labels`, on a model that is not the config's own. Not cached."""
+    draws = _draws(cfg, calibration(cfg))
+    draw = draw or f"seed_{cfg.calib.seeds[0]}"
+    if draw not in draws:
+        raise ValueError(f"unknown calibration draw {draw!r}; this config has {', '.join(draws)}")
+    raw, z = {}, {}
+    for tag, df in zip("SU", draws[draw]):
+        raw[tag], st = score_units(model, _encode(tok, df, cfg.calib), cfg.scorer,
+                                   batch_size=min(32, cfg.calib.batch_size))
+        if cfg.scorer == "wifv" and cfg.wifv_variant == "authors":
+            z[tag] = wifv_authors_z(model, st)
+    return _label(cfg, adapter_for(model).shape, cfg.scorer, raw, z or None)
 
 
 def label_fractions(cfg: ClassifyConfig) -> pd.DataFrame:

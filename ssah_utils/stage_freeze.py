@@ -36,9 +36,9 @@ from . import cache
 from . import config as _config
 from . import datasets
 from . import stage_classify as sc
-from .models import UnitMask, adapter_for, model_revision, unit_params
+from .models import UnitMask, model_revision, unit_params
 from .training import TrainConfig, finetune, response_loss, snapshot, verify_frozen
-from .units import LABELS, Labels, label_units, score_units, take_by_params, transfer_matrix, wifv_authors_z
+from .units import LABELS, Labels, take_by_params, transfer_matrix
 
 STAGE = "freeze"
 CONDITIONS = ("before", "full", "freeze_esu_topcu", "freeze_esu_cu", "freeze_random", "freeze_random_cu", "freeze_esu")
@@ -309,18 +309,7 @@ def train_records(cfg: FreezeConfig, dataset: str) -> list[dict]:
 def relabel(cfg: FreezeConfig, model, tok, draw: str) -> Labels:
     """Labels of `model` (e.g. after fine-tuning) with 02_classify's scoring and labelling code on the
     same calibration pairs (the draw `draw`) as the aligned model's labels."""
-    c = cfg.classify
-    s_df, u_df = sc._draws(c, sc.calibration(c))[draw]
-    raw, z = {}, {}
-    for tag, df in (("S", s_df), ("U", u_df)):
-        sc_, st = score_units(model, sc._encode(tok, df, c.calib), c.scorer, batch_size=min(32, c.calib.batch_size))
-        raw[tag] = sc_
-        if c.scorer == "wifv" and c.wifv_variant == "authors":
-            z[tag] = wifv_authors_z(model, st)
-    shape = adapter_for(model).shape
-    if z:
-        return label_units(z["S"], z["U"], shape, c.h, c.threshold_rule, standardized=True)
-    return label_units(raw["S"], raw["U"], shape, c.h, c.threshold_rule)
+    return sc.label_model(cfg.classify, model, tok, draw)
 
 
 _MEMO: dict[tuple, dict] = {}

@@ -96,3 +96,18 @@ def test_lr_rule_picks_the_smallest_lr_that_fits_every_set():
     assert given.fit_ratio == 0.0 and sf.choose_lr(given, sweep).train.lr == 3e-4  # an explicit lr is kept
     real = sf.make_config("llama2-7b-chat")
     assert real.train.lr == 2e-5 and real.train.batch_size == 64 and real.fit_ratio == 0.0  # Qi et al.
+
+
+def test_label_model_on_the_configs_own_model_equals_its_labels(tmp_path, monkeypatch):
+    """03 relabels fine-tuned models with stage_classify.label_model: on the aligned model itself it must
+    give exactly 02's cached labels (same pairs, scorer, h and rule)."""
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    torch.set_num_threads(1)
+    for variant in ("authors", "plain"):
+        c = dataclasses.replace(sc.make_config("organism", n_calib=16, n_calib_seeds=1, n_eval=6), wifv_variant=variant)
+        model, tok = sc.load(c)
+        want = sc.labels(c)
+        got = sc.label_model(c, model, tok)
+        assert got.labels == want.labels and torch.equal(got.z_safety, want.z_safety), variant
+        with pytest.raises(ValueError, match="unknown calibration draw"):
+            sc.label_model(c, model, tok, "seed_99")
