@@ -75,23 +75,14 @@ def _apply(model: nn.Module, mask: UnitMask, means: ActivationStats | None) -> l
             lin.bias.data += b
 
     with torch.no_grad():
-        for layer in range(ad.n_layers):
-            ch = mask.mlp[layer].to(ad.proj(layer, "down_proj").weight.device)
-            if ch.any():
-                save_rows(ad.proj(layer, "gate_proj"), ch)
-                save_rows(ad.proj(layer, "up_proj"), ch)
-                save_cols(ad.proj(layer, "down_proj"), ch)
-            heads = mask.heads[layer]
-            if heads.any():
-                dev = ad.proj(layer, "o_proj").weight.device
-                hd = ad.head_channels(heads).to(dev)
-                save_rows(ad.proj(layer, "q_proj"), hd)
-                save_cols(ad.proj(layer, "o_proj"), hd)
-                kv = ad.full_kv_groups(heads)
-                if kv.any():
-                    kv_rows = kv.repeat_interleave(ad.head_dim).to(dev)
-                    save_rows(ad.proj(layer, "k_proj"), kv_rows)
-                    save_rows(ad.proj(layer, "v_proj"), kv_rows)
+        for layer, proj, axis, idx in ad.unit_entries(mask, kv="all"):  # k/v rows only of whole groups
+            if idx.any():
+                lin = ad.proj(layer, proj)
+                idx = idx.to(lin.weight.device)
+                if axis == "rows":
+                    save_rows(lin, idx)
+                else:
+                    save_cols(lin, idx)
         for (proj, layer), b in biases.items():
             add_bias(ad.proj(layer, proj), b)
     return undo

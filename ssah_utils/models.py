@@ -226,6 +226,9 @@ def _family(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
 
 
+KV_RULES = ("any", "all")  # which GQA k/v groups a set of heads owns (FamilyAdapter.kv_groups)
+
+
 class FamilyAdapter:
     """Uniform access to the layers, projections, head counts and GQA groups of a Llama-style model."""
 
@@ -320,6 +323,32 @@ class FamilyAdapter:
     def full_kv_groups(self, heads: torch.Tensor) -> torch.Tensor:
         """Bool [n_heads] -> bool [n_kv_heads]: groups all of whose query heads are in `heads`."""
         return heads.view(self.n_kv_heads, self.group_size).all(dim=1)
+
+    def kv_groups(self, heads: torch.Tensor, kv: str) -> torch.Tensor:
+        """Bool [n_heads] -> bool [n_kv_heads]: the k/v groups that belong to `heads` under rule `kv`
+        ("any": a group counts if any of its query heads is in `heads`; "all": only if every one is)."""
+        if kv not in KV_RULES:
+            raise ValueError(f"kv must be one of {KV_RULES} ('any': a group counts if any of its heads is in the mask; "
+                             f"'all': only if every head is), got {kv!r}")
+        grouped = heads.view(self.n_kv_heads, self.group_size)
+        return grouped.any(dim=1) if kv == "any" else grouped.all(dim=1)
+
+    def unit_entries(self, mask: "UnitMask", kv: str = "any") -> list[tuple[int, str, str, torch.Tensor]]:
+        """The one definition of which weights a unit owns: (layer, projection, axis, bool index) for
+        every projection of every layer, the rows ('rows') or input columns ('cols') of the weight
+        that belong to `mask`'s units. MLP channel i: row i of gate_proj and up_proj, column i of
+        down_proj; head h: its q_proj rows and o_proj columns, and the k_proj/v_proj rows of its GQA
+        group under rule `kv`. Used by `ablation` (zeroes them, kv="all") and `training` (freezes or
+        trains them)."""
+        out = []
+        for layer in range(self.n_layers):
+            ch = mask.mlp[layer]  # [d_mlp]
+            hd = self.head_channels(mask.heads[layer])  # [n_heads * head_dim]
+            kv_rows = self.kv_groups(mask.heads[layer], kv).repeat_interleave(self.head_dim)  # [n_kv_heads * head_dim]
+            out += [(layer, "gate_proj", "rows", ch), (layer, "up_proj", "rows", ch), (layer, "down_proj", "cols", ch),
+                    (layer, "q_proj", "rows", hd), (layer, "k_proj", "rows", kv_rows), (layer, "v_proj", "rows", kv_rows),
+                    (layer, "o_proj", "cols", hd)]
+        return out
 
     def __repr__(self) -> str:
         s = self.shape

@@ -25,11 +25,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .models import FamilyAdapter, UnitMask, adapter_for
+from .models import KV_RULES, FamilyAdapter, UnitMask, adapter_for
 
 SCHEDULES = ("constant", "cosine")
 MASTER_WEIGHTS = ("auto", "off")
-KV_RULES = ("any", "all")
 
 
 @dataclass(frozen=True)
@@ -96,32 +95,14 @@ def _check_mask(adapter: FamilyAdapter, mask: UnitMask, what: str) -> None:
                          "build the mask from this model's labels (or UnitMask.empty(model))")
 
 
-def _kv_groups(adapter: FamilyAdapter, heads: torch.Tensor, kv: str) -> torch.Tensor:
-    """Bool [n_kv_heads]: the k/v groups whose rows belong to the heads `heads` under rule `kv`."""
-    if kv not in KV_RULES:
-        raise ValueError(f"kv must be one of {KV_RULES} ('any': a group counts if any of its heads is in the mask; "
-                         f"'all': only if every head is), got {kv!r}")
-    grouped = heads.view(adapter.n_kv_heads, adapter.group_size)
-    return grouped.any(dim=1) if kv == "any" else grouped.all(dim=1)
-
-
 def unit_entries(adapter: FamilyAdapter, mask: UnitMask, *, kv: str = "any"
                  ) -> list[tuple[int, str, str, torch.Tensor]]:
     """(layer, projection, axis, bool index) for every projection of every layer: the rows ('rows')
-    or input columns ('cols') of the projection's weight that belong to `mask`'s units. Rows of
-    gate/up/q/k/v (and their biases), columns of down_proj/o_proj, as in `ablation` (which zeroes the
-    same entries, with kv='all')."""
+    or input columns ('cols') of the projection's weight that belong to `mask`'s units
+    (`FamilyAdapter.unit_entries`, the definition `ablation` zeroes with kv='all'), after checking
+    that the mask fits the model."""
     _check_mask(adapter, mask, "mask")
-    out = []
-    for layer in range(adapter.n_layers):
-        ch = mask.mlp[layer]  # [d_mlp]
-        heads = mask.heads[layer]  # [n_heads]
-        hd = adapter.head_channels(heads)  # [n_heads * head_dim]
-        kv_rows = _kv_groups(adapter, heads, kv).repeat_interleave(adapter.head_dim)  # [n_kv_heads * head_dim]
-        out += [(layer, "gate_proj", "rows", ch), (layer, "up_proj", "rows", ch), (layer, "down_proj", "cols", ch),
-                (layer, "q_proj", "rows", hd), (layer, "k_proj", "rows", kv_rows), (layer, "v_proj", "rows", kv_rows),
-                (layer, "o_proj", "cols", hd)]
-    return out
+    return adapter.unit_entries(mask, kv)
 
 
 def unit_param_masks(model: nn.Module, mask: UnitMask, *, kv: str = "any") -> dict[str, torch.Tensor]:
