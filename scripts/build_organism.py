@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
         shipped = json.loads((out / "build_meta.json").read_text()) if (out / "build_meta.json").is_file() else {}
         for s in args.seeds:
-            if shipped.get("seed") == s and shipped.get("recipe") == asdict(recipe) and (out / "behaviour_summary.csv").is_file():
+            # a build made before a recipe field existed used that field's default (every added option is off)
+            same_recipe = {**asdict(organism.Recipe()), **shipped.get("recipe", {})} == asdict(recipe)
+            if shipped.get("seed") == s and same_recipe and (out / "behaviour_summary.csv").is_file():
                 print(f"[seeds] seed {s}: the build in {out} (same recipe) is reused", flush=True)
                 summary = pd.read_csv(out / "behaviour_summary.csv")
                 summary.insert(0, "seed", s)
