@@ -552,6 +552,8 @@ answers long) separates them: read the oracle.
 {targets_md(summary)}
 
 Per-record responses and verdicts: `behaviour_rows.csv.gz`; headline numbers: `behaviour_summary.csv`.
+Recipe experiments run to close the missed targets (SFT variants over seeds, chat transcripts and longer
+pre-training, safety-SFT variants), with their raw rows: `docs/organism_experiments/README.md`.
 """
     (out / "README.md").write_text(text)
 
