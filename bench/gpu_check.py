@@ -67,11 +67,11 @@ for p in (REPO, REPO / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from ssah_utils import config  # noqa: E402
+from ssah_utils import config, stage_freeze  # noqa: E402
 
 FAMILIES = ("llama2", "llama3", "mistral", "qwen2")
 STEPS = ("load", "generate", "probe", "classify", "ablate", "freeze", "budget")
-REAL_LR = 2e-5  # stage_freeze.REAL_TRAIN's learning rate (Qi et al. 2023), used for the bf16 update check
+REAL_LR = stage_freeze.REAL_TRAIN.lr  # the real recipe's lr (Qi et al. 2023), used for the bf16 update check
 
 
 # --------------------------------------------------------------------------------------------------

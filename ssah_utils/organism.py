@@ -287,7 +287,8 @@ def safety_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=prin
     if recipe.recovery_examples:
         safety += recovery_records(sets, recipe.recovery_examples, seed)
     return sft(model, tokenizer, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr, recipe=recipe,
-               seed=seed + 2, stage="safety", replay_texts=pretrain_texts(sets["pretrain"], recipe, seed),
+               seed=seed + 2, stage="safety",
+               replay_texts=pretrain_texts(sets["pretrain"], recipe, seed) if recipe.safety_replay else None,
                replay_batch=recipe.safety_replay, log=log)
 
 
