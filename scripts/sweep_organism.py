@@ -6,6 +6,8 @@ one row of behaviour per (variant, seed, model), in parallel processes.
       --variant shipped --variant replay8:instruct_replay=8,safety_replay=8
   python scripts/sweep_organism.py --out runs/safety --reuse data/organism --seeds 0 \
       --variant shipped --variant se5:safety_epochs=5.0     # only the safety SFT redone (about a minute each)
+  python scripts/sweep_organism.py --out runs/sft --reuse data/organism --redo sft --seeds 0 \
+      --variant shipped --variant lo:instruct_lr=2e-4       # both SFT stages redone on the kept base
   python scripts/sweep_organism.py --out runs/sweep --report  # OUT/REPORT.md: mean ± sd per variant
 
 A variant is `name` (the shipped recipe) or `name:field=value,field=value` (fields of
@@ -47,24 +49,32 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, over
 
 
-def _safety_only(tmp: Path, reuse: Path, recipe, seed: int, sets: dict, device: str) -> dict:
-    """base and unaligned copied from an existing build; only the safety SFT is redone with `recipe`."""
+def _reuse(tmp: Path, reuse: Path, recipe, seed: int, sets: dict, device: str, redo: str = "safety") -> dict:
+    """Models copied from an existing build, the later stages redone with `recipe`: `redo="safety"` keeps
+    base and unaligned and redoes the safety SFT; `redo="sft"` keeps only the base and redoes both SFTs."""
     import shutil
     from dataclasses import asdict
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for m in ("base", "unaligned"):
+    kept = ("base", "unaligned") if redo == "safety" else ("base",)
+    for m in kept:
         shutil.copytree(reuse / m, tmp / m)
     organism.set_determinism(recipe.threads, warn_only=not device.startswith("cpu"))
+    meta = {"seed": seed, "recipe": asdict(recipe), "reused": {m: str(reuse / m) for m in kept}}
+    if redo == "sft":
+        tok = AutoTokenizer.from_pretrained(tmp / "base")
+        model = AutoModelForCausalLM.from_pretrained(tmp / "base").to(device)
+        meta["unaligned"] = organism.instruct_sft(model, tok, sets, recipe, seed, log=None)
+        organism.save_model(model, tok, tmp / "unaligned")
     tok = AutoTokenizer.from_pretrained(tmp / "unaligned")
     model = AutoModelForCausalLM.from_pretrained(tmp / "unaligned").to(device)
-    st = organism.safety_sft(model, tok, sets, recipe, seed, log=None)
+    meta["aligned"] = organism.safety_sft(model, tok, sets, recipe, seed, log=None)
     organism.save_model(model, tok, tmp / "aligned")
-    return {"seed": seed, "recipe": asdict(recipe), "reused_unaligned": str(reuse), "aligned": st}
+    return meta
 
 
-def run_one(spec: str, seed: int, out: Path, device: str, reuse: Path | None = None) -> None:
+def run_one(spec: str, seed: int, out: Path, device: str, reuse: Path | None = None, redo: str = "safety") -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -75,7 +85,7 @@ def run_one(spec: str, seed: int, out: Path, device: str, reuse: Path | None = N
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"sweep-{name}-") as tmp:
-        meta = (_safety_only(Path(tmp), reuse, recipe, seed, sets, device) if reuse else
+        meta = (_reuse(Path(tmp), reuse, recipe, seed, sets, device, redo) if reuse else
                 organism.build_all(seed, tmp, recipe=recipe, sets=sets, device=device, log=None))
         res = organism.evaluate_organism(tmp, sets=sets, device=device, log=None)
     meta["total_seconds"] = time.perf_counter() - t0
@@ -164,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", default=None,
                     help="an organism folder (e.g. data/organism): keep its base and unaligned, redo only the safety "
                          "SFT (seconds; the seed must be the one that folder was built with)")
+    ap.add_argument("--redo", choices=("safety", "sft"), default="safety",
+                    help="with --reuse: 'safety' keeps base and unaligned (default), 'sft' keeps only the base and "
+                         "redoes instruction and safety SFT")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one variant, one seed
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.variant:
         parse_variant(spec)  # fail before starting anything
     if args.one:
-        run_one(args.variant[0], args.seeds[0], out, args.device, Path(args.reuse) if args.reuse else None)
+        run_one(args.variant[0], args.seeds[0], out, args.device, Path(args.reuse) if args.reuse else None, args.redo)
         return 0
     todo = [(v, s) for s in args.seeds for v in args.variant]
     running: list[tuple[subprocess.Popen, str]] = []
@@ -189,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         while todo and len(running) < args.jobs:
             v, s = todo.pop(0)
             cmd = [sys.executable, __file__, "--one", "--variant", v, "--seeds", str(s), "--out", str(out),
-                   "--device", args.device] + (["--reuse", str(Path(args.reuse).resolve())] if args.reuse else [])
+                   "--device", args.device] + (["--reuse", str(Path(args.reuse).resolve()), "--redo", args.redo]
+                                               if args.reuse else [])
             running.append((subprocess.Popen(cmd), f"{v} seed {s}"))
         time.sleep(1)
         for p, what in list(running):

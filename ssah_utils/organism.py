@@ -281,6 +281,14 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def instruct_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=print) -> dict:
+    """The unaligned stage: instruction SFT of a base model, in place (the second step of `build_all`)."""
+    return sft(model, tokenizer, sets["sft_instruct"], epochs=recipe.instruct_epochs, lr=recipe.instruct_lr,
+               recipe=recipe, seed=seed + 1, stage="instruct",
+               replay_texts=pretrain_texts(sets["pretrain"], recipe, seed) if recipe.instruct_replay else None,
+               replay_batch=recipe.instruct_replay, log=log)
+
+
 def safety_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=print) -> dict:
     """The aligned stage: safety SFT of an unaligned model, in place (the last step of `build_all`)."""
     safety = list(sets["sft_safety"])
@@ -318,9 +326,7 @@ def build_all(seed: int, out_dir: str | Path, *, recipe: Recipe | None = None, s
     save_model(model, tok, out / "base")
 
     unaligned = copy.deepcopy(model)
-    meta["unaligned"] = sft(unaligned, tok, sets["sft_instruct"], epochs=recipe.instruct_epochs,
-                            lr=recipe.instruct_lr, recipe=recipe, seed=seed + 1, stage="instruct",
-                            replay_texts=raw, replay_batch=recipe.instruct_replay, log=log)
+    meta["unaligned"] = instruct_sft(unaligned, tok, sets, recipe, seed, log=log)
     save_model(unaligned, tok, out / "unaligned")
 
     aligned = copy.deepcopy(unaligned)

@@ -40,3 +40,30 @@ def test_tiny_sweep_then_report(tmp_path):
     assert "| tiny | 1 |" in report and "instruct_replay=1" in report
     with pytest.raises(SystemExit, match="no unaligned model"):
         sw.main(["--out", str(tmp_path), "--reuse", str(tmp_path), "--variant", "x"])
+
+
+def test_reuse_redo_sft_keeps_the_base_and_retrains_both_sft_stages(tmp_path):
+    import torch
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from ssah_utils import organism, world
+
+    sw = _load()
+    recipe = organism.Recipe().tiny()
+    sets = world.build_world(recipe.world_seed)
+    sets = {**sets, **{k: sets[k][:64] for k in ("pretrain", "sft_instruct", "sft_safety")}}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    organism.build_all(0, src, recipe=recipe, sets=sets, log=None)
+    meta = sw._reuse(dst, src, replace(recipe, instruct_lr=1e-3), 0, sets, "cpu", redo="sft")
+    assert set(meta["reused"]) == {"base"} and meta["unaligned"]["steps"] >= 1 and meta["aligned"]["steps"] >= 1
+
+    def weights(folder):
+        return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+    base, kept = weights(src / "base"), weights(dst / "base")
+    assert all(torch.equal(base[k], kept[k]) for k in base)
+    old, new = weights(src / "unaligned"), weights(dst / "unaligned")
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # a different instruct lr: a different model
+    assert (dst / "aligned" / "model.safetensors").is_file()
