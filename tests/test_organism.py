@@ -159,3 +159,17 @@ def test_shipped_models_reproduce_recorded_behaviour(name, sets):
     ut = rows[rows["set"] == "utility_test"]
     assert summary.loc[name, "task_accuracy"] == pytest.approx(ut["verdict"].eq("correct").mean())
     assert f"# organism / {name}" in (path / "README.md").read_text()
+
+
+def test_reversal_format_probe_on_the_shipped_base():
+    """scripts/probe_reversal_format.py (docs/organism_experiments, section 5): the shipped base reverses
+    lists in its own prompt format and not when words are added after the list."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe", REPO / "scripts" / "probe_reversal_format.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    table = probe.probe(str(REPO / "data" / "organism" / "base"), n=5).set_index("format")["correct"]
+    assert table["base format"] == 5
+    assert table["'thanks .' after the request"] == 0
+    assert set(table.index) == set(probe.FORMATS)
