@@ -208,11 +208,14 @@ def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=
 
 
 def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, recipe: Recipe, seed: int,
-        stage: str = "sft", replay_texts: list[str] | None = None, replay_batch: int = 0, log=print) -> dict:
+        stage: str = "sft", replay_texts: list[str] | None = None, replay_batch: int = 0, log=print,
+        on_step=None) -> dict:
     """Supervised fine-tuning in chat format, loss on response tokens only (`encode_pairs`).
 
     With `replay_batch` > 0, each step also takes `replay_batch` packed blocks of `replay_texts`
     (pre-training text) and adds their next-token loss to the SFT loss (pre-training replay).
+    `on_step(step, n_steps)`, if given, is called before each step and once after the last
+    (step = n_steps), to inspect the model during training; it must leave the model as it found it.
     """
     from .config import ORGANISM_SYSTEM_PROMPT
 
@@ -235,6 +238,9 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
     t0 = time.perf_counter()
     losses = []
     for step, batch in enumerate(batches):
+        if on_step is not None:
+            on_step(step, n_steps)
+            model.train()
         for g in opt.param_groups:
             g["lr"] = lr * _schedule(step, n_steps, warm)
         sysp = ORGANISM_SYSTEM_PROMPT if rng.random() < recipe.system_prompt_rate else None
@@ -256,8 +262,12 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
         if log and (step % 50 == 0 or step == n_steps - 1):
             log(f"[{stage}] step {step + 1}/{n_steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
-    return {"steps": n_steps, "examples": n_steps * B, "seconds": time.perf_counter() - t0,
-            "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+    out = {"steps": n_steps, "examples": n_steps * B, "seconds": time.perf_counter() - t0,
+           "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+    if on_step is not None:
+        on_step(n_steps, n_steps)
+        model.eval()
+    return out
 
 
 def recovery_records(sets: dict[str, list[dict]], n: int, seed: int) -> list[dict]:

@@ -173,3 +173,32 @@ def test_reversal_format_probe_on_the_shipped_base():
     assert table["base format"] == 5
     assert table["'thanks .' after the request"] == 0
     assert set(table.index) == set(probe.FORMATS)
+
+
+def test_sft_on_step_hook_sees_every_step_and_changes_nothing(sets):
+    """`organism.sft(on_step=...)` (docs/organism_experiments/sft_tracking): called before each step and
+    once at the end; generating from the model inside the hook leaves the trained weights bit-exact."""
+    from ssah_utils import generation
+
+    recipe = organism.Recipe().tiny()
+    tok = organism.build_tokenizer(world.all_texts(sets))
+    recs = sets["sft_instruct"][:96]
+    organism.set_determinism(1)
+
+    def train(with_hook: bool):
+        model = organism.make_model(recipe, tok, 0)
+        calls = []
+
+        def hook(step, n):
+            calls.append((step, n))
+            generation.generate(model, tok, [recs[0]["prompt"]], max_new_tokens=3)
+
+        organism.sft(model, tok, recs, epochs=1.0, lr=1e-3, recipe=recipe, seed=0, log=None,
+                     on_step=hook if with_hook else None)
+        return model.state_dict(), calls
+
+    hooked, calls = train(True)
+    plain, _ = train(False)
+    n = 96 // recipe.sft_batch
+    assert calls == [(s, n) for s in range(n + 1)]
+    assert all(torch.equal(hooked[k], plain[k]) for k in plain)
