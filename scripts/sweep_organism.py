@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="variant builds run at once (separate processes)")
     ap.add_argument("--reuse", default=None,
-                    help="an organism folder (e.g. data/organism): keep its base and unaligned, redo only the safety "
-                         "SFT (seconds; the seed must be the one that folder was built with)")
+                    help="an organism folder (e.g. data/organism) whose models are kept and whose later stages are "
+                         "redone (see --redo; about a minute each; the seed must be the one that folder was built with)")
     ap.add_argument("--redo", choices=("safety", "sft"), default="safety",
                     help="with --reuse: 'safety' keeps base and unaligned (default), 'sft' keeps only the base and "
                          "redoes instruction and safety SFT")
