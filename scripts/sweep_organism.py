@@ -4,9 +4,9 @@ one row of behaviour per (variant, seed, model), in parallel processes.
 
   python scripts/sweep_organism.py --out runs/sweep --device cuda --jobs 6 --seeds 0 1 \\
       --variant shipped --variant replay8:instruct_replay=8,safety_replay=8
-  python scripts/sweep_organism.py --out runs/safety --reuse data/organism --seeds 0 \
+  python scripts/sweep_organism.py --out runs/safety --reuse data/organism --seeds 0 \\
       --variant shipped --variant se5:safety_epochs=5.0     # only the safety SFT redone (about a minute each)
-  python scripts/sweep_organism.py --out runs/sft --reuse data/organism --redo sft --seeds 0 \
+  python scripts/sweep_organism.py --out runs/sft --reuse data/organism --redo sft --seeds 0 \\
       --variant shipped --variant lo:instruct_lr=2e-4       # both SFT stages redone on the kept base
   python scripts/sweep_organism.py --out runs/sweep --report  # OUT/REPORT.md: mean ± sd per variant
 
