@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # worker mode: one variant, one seed
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.redo != "safety" and not args.reuse:
+        raise SystemExit(f"--redo {args.redo} redoes stages of an existing build: give that build with --reuse DIR")
     if args.reuse and not (Path(args.reuse) / "unaligned" / "config.json").is_file():
         raise SystemExit(f"--reuse {args.reuse}: no unaligned model there (expected {args.reuse}/unaligned/config.json)")
     if args.report:

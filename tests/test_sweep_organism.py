@@ -40,6 +40,8 @@ def test_tiny_sweep_then_report(tmp_path):
     assert "| tiny | 1 |" in report and "instruct_replay=1" in report
     with pytest.raises(SystemExit, match="no unaligned model"):
         sw.main(["--out", str(tmp_path), "--reuse", str(tmp_path), "--variant", "x"])
+    with pytest.raises(SystemExit, match="--reuse DIR"):
+        sw.main(["--out", str(tmp_path), "--redo", "sft", "--variant", "x"])
 
 
 def test_reuse_redo_sft_keeps_the_base_and_retrains_both_sft_stages(tmp_path):
