@@ -69,6 +69,14 @@ class Recipe:
     # fraction of the pre-training request/answer documents rendered in the chat format instead of the raw
     # one (modern base models see chat transcripts in their pre-training data); 0 = raw format only
     pretrain_chat_frac: float = 0.0
+    # data-mixture weights of the SFT stages: "key*k+key*k", each record whose task family (`task`) or
+    # `kind` is `key` repeated k times, as instruction-tuning mixes upweight hard skills; "" = each once.
+    # List reversal is the hard skill here: the base learns it as a shortcut bound to its pre-training
+    # layout, and the chat format must relearn it (docs/organism_experiments, section 5). Measured
+    # (docs/organism_experiments, section 7; H100, 3 seeds): unaligned task accuracy 88.2 ± 10.0 with
+    # each record once, 97.9 ± 2.2 with reversal x8; the safety mix's reversal x4 keeps it through safety SFT.
+    instruct_upsample: str = "reverse*8"
+    safety_upsample: str = "reverse*4"
 
     def tiny(self) -> "Recipe":
         """A few steps of each stage: for the test suite (seconds)."""
@@ -291,9 +299,35 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def upsample(records: list[dict], spec: str) -> list[dict]:
+    """`records` with each record whose `task` or `kind` is `key` repeated `k` times, for every
+    `key*k` in `spec` (joined by `+`, e.g. "reverse*4+borderline*2"); order kept, repeats adjacent
+    (the SFT loop shuffles). A key that is neither a task family of the world nor a kind is an error
+    (a typo would otherwise train the plain mix without a word)."""
+    if not spec:
+        return list(records)
+    weights: dict[str, int] = {}
+    for item in spec.split("+"):
+        key, star, k = item.strip().partition("*")
+        if not star or not key or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"bad upsample item {item!r} in {spec!r}: write key*k with k a whole number >= 1, "
+                             "e.g. 'reverse*4+borderline*2'")
+        weights[key] = int(k)
+    known = set(_world.TASK_FAMILIES) | {"harmful", "benign", "borderline"}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ValueError(f"unknown upsample keys {unknown} in {spec!r}; use task families or kinds: {sorted(known)}")
+    out = []
+    for r in records:
+        k = weights.get(r.get("task"), weights.get(r.get("kind"), 1))
+        out.extend([r] * k)
+    return out
+
+
 def instruct_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=print) -> dict:
     """The unaligned stage: instruction SFT of a base model, in place (the second step of `build_all`)."""
-    return sft(model, tokenizer, sets["sft_instruct"], epochs=recipe.instruct_epochs, lr=recipe.instruct_lr,
+    return sft(model, tokenizer, upsample(sets["sft_instruct"], recipe.instruct_upsample),
+               epochs=recipe.instruct_epochs, lr=recipe.instruct_lr,
                recipe=recipe, seed=seed + 1, stage="instruct",
                replay_texts=pretrain_texts(sets["pretrain"], recipe, seed) if recipe.instruct_replay else None,
                replay_batch=recipe.instruct_replay, log=log)
@@ -301,7 +335,7 @@ def instruct_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=pr
 
 def safety_sft(model, tokenizer, sets: dict, recipe: Recipe, seed: int, log=print) -> dict:
     """The aligned stage: safety SFT of an unaligned model, in place (the last step of `build_all`)."""
-    safety = list(sets["sft_safety"])
+    safety = upsample(sets["sft_safety"], recipe.safety_upsample)
     if recipe.recovery_examples:
         safety += recovery_records(sets, recipe.recovery_examples, seed)
     return sft(model, tokenizer, safety, epochs=recipe.safety_epochs, lr=recipe.safety_lr, recipe=recipe,
@@ -475,7 +509,8 @@ def write_model_cards(out_dir: str | Path, meta: dict, summary, seeds_table=None
     for m in MODEL_NAMES:
         st = meta[m]
         train = (f"{st['steps']} steps, {st['tokens']:,} tokens" if m == "base"
-                 else f"{st['steps']} steps of {rec['sft_batch']} examples")
+                 else f"{st['steps']} steps of {rec['sft_batch']} examples"
+                 + _mix_txt(rec.get("instruct_upsample" if m == "unaligned" else "safety_upsample", "")))
         seeds_line = (f"Seeds in the across-seed columns: {', '.join(map(str, seeds))} (same recipe, each built from "
                       "scratch)." if seeds else "Across-seed report: not yet run (`scripts/build_organism.py --seeds 0 1 2`).")
         card = f"""---
@@ -521,6 +556,14 @@ tok = AutoTokenizer.from_pretrained("data/organism/{m}")
         (out / m / "README.md").write_text(card)
 
 
+def _mix_txt(spec: str) -> str:
+    """A recipe's SFT mixture weights in words (" (mix: reverse records x8)"), "" when there are none."""
+    if not spec:
+        return ""
+    items = [f"{k} records x{w}" for k, _, w in (i.partition("*") for i in spec.split("+"))]
+    return f" (mix: {', '.join(items)})"
+
+
 def write_organism_readme(out_dir: str | Path, meta: dict, summary, seeds_table=None, seeds=None) -> None:
     """`data/organism/README.md`: what the three models are, how they were built, the measured table."""
     out = Path(out_dir)
@@ -547,14 +590,13 @@ Architecture: `LlamaForCausalLM`, {rec['num_layers']} layers, hidden {rec['hidde
 {rec['num_heads']} query heads over {rec['num_kv_heads']} k/v heads (GQA), tied embeddings, {meta['vocab_size']}-word
 vocabulary, {meta['n_params']:,} parameters. Word-level tokenizer with a Llama-2-like chat template.
 Recipe (`ssah_utils.organism.Recipe`): pre-training {rec['pretrain_steps']} steps × {rec['pretrain_batch']} × {rec['pretrain_seq_len']}
-tokens, lr {rec['pretrain_lr']}; instruction SFT {rec['instruct_epochs']} epochs, lr {rec['instruct_lr']}; safety SFT
-{rec['safety_epochs']} epochs, lr {rec['safety_lr']}; batch {rec['sft_batch']}; AdamW, cosine schedule; loss on response tokens
+tokens, lr {rec['pretrain_lr']}; instruction SFT {rec['instruct_epochs']} epochs, lr {rec['instruct_lr']}{_mix_txt(rec.get('instruct_upsample', ''))}; safety SFT
+{rec['safety_epochs']} epochs, lr {rec['safety_lr']}{_mix_txt(rec.get('safety_upsample', ''))}; batch {rec['sft_batch']}; AdamW, cosine schedule; loss on response tokens
 only; half of the SFT batches carry the system prompt.
 
 Build: `make organism` (= `python scripts/build_organism.py --seed 0 --out data/organism`), seed {meta['seed']},
 {rec['threads']} torch threads, deterministic algorithms: the same seed on the same machine gives identical weights.
-Measured for this build: {timing}. Wall times were taken on a shared 2-core machine (other jobs running),
-so an idle machine is faster.{chr(10) + chr(10) + "Provenance: " + meta["provenance"] if meta.get("provenance") else ""}
+Measured for this build: {timing}, on a 2-core machine; the times grow when other jobs share the cores.{chr(10) + chr(10) + "Provenance: " + meta["provenance"] if meta.get("provenance") else ""}
 
 ## Measured behaviour (greedy, oracle judge `ssah_utils.world.judge`; no system prompt)
 {table}

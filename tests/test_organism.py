@@ -99,6 +99,26 @@ def test_recipe_options_replay_and_chat_pretraining(sets, tmp_path):
                      recipe=recipe, seed=0, replay_batch=2, log=None)
 
 
+def test_sft_upsample_weights_the_mix_and_rejects_bad_specs(sets):
+    """`Recipe.instruct_upsample` / `safety_upsample`: records of a task family or kind repeated k
+    times, the rest once; a typo or a weight below 1 is an error, not the plain mix."""
+    import collections
+
+    recs = sets["sft_instruct"]
+    n = collections.Counter(r.get("task") for r in recs)
+    up = organism.upsample(recs, "reverse*8+add*2")
+    m = collections.Counter(r.get("task") for r in up)
+    assert m["reverse"] == 8 * n["reverse"] > 0 and m["add"] == 2 * n["add"] and m["count"] == n["count"]
+    assert len(up) == len(recs) + 7 * n["reverse"] + n["add"]
+    assert organism.upsample(recs, "") == recs
+    safety = organism.upsample(sets["sft_safety"], "borderline*3")
+    k = collections.Counter(r["kind"] for r in sets["sft_safety"])
+    assert collections.Counter(r["kind"] for r in safety) == {**k, "borderline": 3 * k["borderline"]}
+    for bad, msg in [("reverse", "key\\*k"), ("reverse*0", "key\\*k"), ("revers*4", "unknown upsample keys")]:
+        with pytest.raises(ValueError, match=msg):
+            organism.upsample(recs, bad)
+
+
 def test_tiny_build_script_runs_and_loads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
