@@ -114,7 +114,8 @@ every block a little; one concentrated in a few layers can only rewrite those.
 
 ## 2. Alignment SFT under each condition
 The recipe is the organism's own (`organism.Recipe`: instruction SFT on `sft_instruct`, then safety SFT on
-`sft_safety`; chat format; batch, learning rate, weight decay, warmup and cosine schedule of the recipe)
+`sft_safety`, each weighted by the recipe's data mix (`mix`: list-reversal records repeated); chat format;
+batch, learning rate, weight decay, warmup and cosine schedule of the recipe)
 through `training.finetune`, with the recipe's epochs, so `full` repeats the shipped aligned model's recipe
 from its base with another data order. `full` trains every
 parameter. The masked conditions train only their units' weight entries (an MLP channel's gate/up rows

@@ -61,6 +61,13 @@ class SFTStage:
 
     data: str
     train: TrainConfig
+    upsample: str = ""  # data-mixture weights, as `organism.Recipe`'s SFT mixes (`organism.upsample`); "" = each once
+
+    def records(self) -> list[dict]:
+        """The stage's training records: the set, weighted by `upsample`."""
+        from .organism import upsample
+
+        return upsample(datasets.load_set(self.data), self.upsample)
 
 
 @dataclass(frozen=True)
@@ -130,18 +137,19 @@ def _organism_stages(alignment: str, epochs: tuple[float, ...] | None, seed_base
     from .organism import Recipe
 
     r = Recipe()
-    plan = [("sft_instruct", r.instruct_epochs, r.instruct_lr), ("sft_safety", r.safety_epochs, r.safety_lr)]
+    plan = [("sft_instruct", r.instruct_epochs, r.instruct_lr, r.instruct_upsample),
+            ("sft_safety", r.safety_epochs, r.safety_lr, r.safety_upsample)]
     plan = plan[:1] if alignment == "instruct" else plan
     if epochs is not None and len(epochs) != len(plan):
         raise ValueError(f"alignment {alignment!r} has {len(plan)} SFT stage(s) ({', '.join(p[0] for p in plan)}); "
                          f"give that many epochs, got {epochs!r}")
     out = []
-    for i, (data, ep, lr) in enumerate(plan):
+    for i, (data, ep, lr, mix) in enumerate(plan):
         tc = TrainConfig(epochs=float(epochs[i]) if epochs is not None else float(ep), lr=float(lr),
                          batch_size=r.sft_batch, weight_decay=r.weight_decay, warmup_frac=r.warmup_frac,
                          schedule="cosine", max_length=r.max_position_embeddings, style="chat", system_prompt="",
                          grad_clip=1.0, seed=seed_base)
-        out.append(SFTStage(data, tc))
+        out.append(SFTStage(data, tc, mix))
     return tuple(out)
 
 
@@ -223,7 +231,8 @@ def stages_table(cfg: BudgetConfig) -> pd.DataFrame:
     rows = []
     for st in cfg.stages:
         t = st.train
-        rows.append({"data": st.data, "records": len(datasets.load_set(st.data)), "epochs": t.epochs, "lr (full)": t.lr,
+        rows.append({"data": st.data, "mix": st.upsample or "-", "records": len(st.records()), "epochs": t.epochs,
+                     "lr (full)": t.lr,
                      "lr (masked)": t.lr * cfg.lr_scale_masked, "batch": t.batch_size, "weight_decay": t.weight_decay,
                      "warmup_frac": t.warmup_frac, "schedule": t.schedule, "style": t.style})
     return pd.DataFrame(rows).set_index("data")
@@ -420,7 +429,7 @@ def align(model, tok, stages: tuple[SFTStage, ...], *, mask: UnitMask | None, ru
     for i, st in enumerate(stages):
         tc = dataclasses.replace(st.train, seed=st.train.seed + 100 * i + int(run_seed),
                                  lr=st.train.lr * (lr_scale if mask is not None else 1.0))
-        recs = datasets.load_set(st.data)
+        recs = st.records()
         _config.seed_everything(int(run_seed))
         kw = {} if mask is None else {"train_only": mask, "train_other": bool(train_other)}
         r = finetune(model, tok, recs, tc, log=log, **kw)

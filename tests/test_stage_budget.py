@@ -162,3 +162,16 @@ def test_full_alignment_moves_everything_and_unit_change_matches_a_direct_differ
     s = ad.shape
     torch.testing.assert_close(out["unit_change"][l * s.d_mlp + c], ch)
     torch.testing.assert_close(out["unit_change"][s.n_layers * s.d_mlp + l * s.n_heads + h], hd)
+
+
+def test_organism_stages_use_the_recipe_sft_mixes():
+    """04's full SFT repeats the shipped aligned model's recipe, its SFT data-mixture weights included."""
+    from ssah_utils import datasets, organism
+
+    cfg = B.make_config("organism")
+    r = organism.Recipe()
+    assert [s.upsample for s in cfg.stages] == [r.instruct_upsample, r.safety_upsample]
+    table = B.stages_table(cfg)
+    plain = len(datasets.load_set("sft_instruct"))
+    assert table.loc["sft_instruct", "records"] == len(cfg.stages[0].records())
+    assert (table.loc["sft_instruct", "records"] > plain) == bool(r.instruct_upsample)
