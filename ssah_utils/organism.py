@@ -611,8 +611,9 @@ answers long) separates them: read the oracle.
 {targets_md(summary)}
 
 Per-record responses and verdicts: `behaviour_rows.csv.gz`; headline numbers: `behaviour_summary.csv`.
-Recipe experiments run to close the missed targets (SFT variants over seeds, chat transcripts and longer
-pre-training, safety-SFT variants), with their raw rows: `docs/organism_experiments/README.md`.
+Recipe experiments run to close the missed targets, with their raw rows: `docs/organism_experiments/README.md`
+(SFT variants and data mixes over seeds, chat transcripts and longer pre-training, world variants, bigger
+models, safety-SFT variants; the SFT data mix of section 7 is what fixed list reversal).
 """
     (out / "README.md").write_text(text)
 
