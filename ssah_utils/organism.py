@@ -299,15 +299,12 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def upsample(records: list[dict], spec: str) -> list[dict]:
-    """`records` with each record whose `task` or `kind` is `key` repeated `k` times, for every
-    `key*k` in `spec` (joined by `+`, e.g. "reverse*4+borderline*2"); order kept, repeats adjacent
-    (the SFT loop shuffles). A key that is neither a task family of the world nor a kind is an error
-    (a typo would otherwise train the plain mix without a word)."""
-    if not spec:
-        return list(records)
+def parse_mix(spec: str) -> dict[str, int]:
+    """An SFT data-mix spec ("reverse*4+borderline*2") as {key: weight}; "" = {}. Keys must be task
+    families of the world or kinds, weights whole numbers >= 1 (a typo would otherwise train the plain
+    mix without a word)."""
     weights: dict[str, int] = {}
-    for item in spec.split("+"):
+    for item in filter(None, spec.split("+")):
         key, star, k = item.strip().partition("*")
         if not star or not key or not k.isdigit() or int(k) < 1:
             raise ValueError(f"bad upsample item {item!r} in {spec!r}: write key*k with k a whole number >= 1, "
@@ -317,10 +314,17 @@ def upsample(records: list[dict], spec: str) -> list[dict]:
     unknown = sorted(set(weights) - known)
     if unknown:
         raise ValueError(f"unknown upsample keys {unknown} in {spec!r}; use task families or kinds: {sorted(known)}")
+    return weights
+
+
+def upsample(records: list[dict], spec: str) -> list[dict]:
+    """`records` with each record whose `task` or `kind` is `key` repeated `k` times, for every
+    `key*k` in `spec` (`parse_mix`; a record's task-family weight wins over its kind's); order kept,
+    repeats adjacent (the SFT loop shuffles)."""
+    weights = parse_mix(spec)
     out = []
     for r in records:
-        k = weights.get(r.get("task"), weights.get(r.get("kind"), 1))
-        out.extend([r] * k)
+        out.extend([r] * weights.get(r.get("task"), weights.get(r.get("kind"), 1)))
     return out
 
 
@@ -558,10 +562,8 @@ tok = AutoTokenizer.from_pretrained("data/organism/{m}")
 
 def _mix_txt(spec: str) -> str:
     """A recipe's SFT mixture weights in words (" (mix: reverse records x8)"), "" when there are none."""
-    if not spec:
-        return ""
-    items = [f"{k} records x{w}" for k, _, w in (i.partition("*") for i in spec.split("+"))]
-    return f" (mix: {', '.join(items)})"
+    weights = parse_mix(spec)
+    return f" (mix: {', '.join(f'{k} records x{w}' for k, w in weights.items())})" if weights else ""
 
 
 def write_organism_readme(out_dir: str | Path, meta: dict, summary, seeds_table=None, seeds=None) -> None:
