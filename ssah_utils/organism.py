@@ -74,7 +74,8 @@ class Recipe:
     # List reversal is the hard skill here: the base learns it as a shortcut bound to its pre-training
     # layout, and the chat format must relearn it (docs/organism_experiments, section 5). Measured
     # (docs/organism_experiments, section 7; H100, 3 seeds): unaligned task accuracy 88.2 ± 10.0 with
-    # each record once, 97.9 ± 2.2 with reversal x8; the safety mix's reversal x4 keeps it through safety SFT.
+    # each record once, 97.9 ± 2.2 with reversal x8; the safety mix's reversal x4 steadies it through safety
+    # SFT (sd of aligned task accuracy 3.1 -> 1.3).
     instruct_upsample: str = "reverse*8"
     safety_upsample: str = "reverse*4"
 
