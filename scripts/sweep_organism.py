@@ -12,7 +12,8 @@ one row of behaviour per (variant, seed, model), in parallel processes.
 
 A variant is `name` (the shipped recipe) or `name:field=value,field=value` (fields of
 `organism.Recipe`). Weights are written to a temporary folder and dropped; what stays is
-`OUT/sweep.csv` (all rows) and `OUT/<variant>-s<seed>/behaviour_summary.csv` + `build_meta.json`.
+`OUT/sweep.csv` (all rows) and `OUT/<variant>-s<seed>/behaviour_summary.csv`, `behaviour_rows.csv.gz`
+(every response and verdict) + `build_meta.json`.
 Numbers from `--device cuda` differ from a CPU build in the last bits of the weights: use the sweep
 to choose a recipe, then rebuild on CPU (`make organism`) and report the CPU build.
 """
@@ -97,6 +98,7 @@ def run_one(spec: str, seed: int, out: Path, device: str, reuse: Path | None = N
     res["per_framing"].to_csv(dest / "per_framing.csv", index=False)
     # per-task accuracy: where the utility number comes from
     rows = res["rows"]
+    rows.to_csv(dest / "behaviour_rows.csv.gz", index=False)  # every response and verdict
     ut = rows[rows["set"] == "utility_test"]
     ut.groupby(["model", "task"])["verdict"].apply(lambda v: (v == "correct").mean()).unstack(0).to_csv(
         dest / "per_task.csv")

@@ -45,6 +45,9 @@ def test_record_schema_and_sizes(sets):
     assert {r["framing"] for r in sets["jailbreak_test"]} == set(world.FRAMINGS)
     assert all(r["prefill"] for r in sets["jailbreak_test"] if r["framing"] == "prefilling")
     assert all(r["reference"] in world.REFUSALS for r in sets["calib_safety"])
+    # the safety calibration set covers every harm category equally (a truncated list would drop the last)
+    per_cat = {c: sum(r["category"] == c for r in sets["calib_safety"]) for c in world.HARM_CATEGORIES}
+    assert len(set(per_cat.values())) == 1, per_cat
 
 
 def test_no_heldout_leaks_into_training(sets):
