@@ -26,7 +26,7 @@ def per_seed() -> str:
         t = pd.read_csv(HERE / f)
         for s, g in t.groupby("seed"):
             v = g.set_index("model")
-            met = organism.targets_md(g.drop(columns="seed")).count("| yes")
+            met = sum(ok for _, _, ok in organism.target_checks(g.drop(columns="seed")))
             pc = lambda m, c: f"{100 * v.loc[m, c]:.1f}"  # noqa: E731
             gap = 100 * (v.loc["aligned", "task_accuracy"] - v.loc["unaligned", "task_accuracy"])
             lines.append(f"| {name} | {s} | {met}/9 | {pc('base', 'task_accuracy')} | {pc('unaligned', 'task_accuracy')} "
