@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Every aligned organism built in these experiments, as one point: held-out harmful compliance against
-borderline over-refusal, with issue 3's target box (≤ 5% and ≤ 10%).
+borderline over-refusal, with issue 3's target box (≤ 5% and ≤ 10%), sections 1-9.
 
   python docs/organism_experiments/tradeoff.py    # writes tradeoff.png and tradeoff.csv beside it
 
