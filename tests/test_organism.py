@@ -243,7 +243,6 @@ def test_target_checks_apply_issue_3s_thresholds():
                       "aligned: task accuracy within 3 points of unaligned"}
     gap = dict((t, x) for t, x, _ in checks)["aligned: task accuracy within 3 points of unaligned"]
     assert abs(gap - (-0.03)) < 1e-9
-    # the shipped build's card states its own count
+    # data/organism/README.md shows the targets table of the shipped build's recorded behaviour (not a stale one)
     shipped = pd.read_csv(config.ORGANISM_DIR / "behaviour_summary.csv")
-    met = sum(ok for _, _, ok in organism.target_checks(shipped))
-    assert organism.targets_md(shipped).count("| yes |") == met
+    assert organism.targets_md(shipped) in (config.ORGANISM_DIR / "README.md").read_text()
