@@ -24,7 +24,7 @@ TEST_ENV     := OMP_NUM_THREADS=$(THREADS) SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if 
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-unit test-notebooks organism figures bench gpu-check lab clean clean-env
+.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -56,6 +56,31 @@ reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organi
 
 test: $(STAMP) ## Run the unit tests (pytest) and the notebook regression checks (nbval)
 	$(TEST_ENV) $(PY) -m pytest tests $(if $(NOTEBOOKS),$(NOTEBOOKS) $(NBVAL))
+
+test-fast: $(STAMP) ## The contributor's loop (< 5 min): lint, notebook pairs, unit tests not marked slow; no notebook runs
+	$(VENV)/bin/ruff check .
+	$(PY) scripts/notebooks.py check
+	$(TEST_ENV) $(PY) -m pytest tests -m "not slow" -q
+
+lint: $(STAMP) ## ruff (pinned) over the package, tests, scripts and notebook sources
+	$(VENV)/bin/ruff check .
+
+nb-check: $(STAMP) ## Check that every notebooks/NN_name.py source matches its executed .ipynb
+	$(PY) scripts/notebooks.py check
+
+# make nb-01 (or nb-02, ...): run one notebook from its source notebooks/NN_*.py with papermill; on the
+# default preset the executed notebook replaces notebooks/NN_*.ipynb, only if every cell ran.
+nb-%: $(STAMP)
+	@src=$$(ls notebooks/$*_*.py 2>/dev/null | head -1); \
+	  if [ -z "$$src" ]; then echo "no notebook source notebooks/$*_*.py (try make nb-01 ... nb-05)"; exit 2; fi; \
+	  name=$$(basename $$src .py); mkdir -p $(RUN_DIR); \
+	  $(PY) scripts/notebooks.py to-ipynb $$src $(RUN_DIR)/$$name.input.ipynb && \
+	  echo "[nb] $$name (preset=$(PRESET))" && \
+	  $(PAPERMILL) $(RUN_DIR)/$$name.input.ipynb $(RUN_DIR)/$$name.ipynb -p preset $(PRESET) -p model "$(MODEL)" -p seed $(SEED) && \
+	  rm -f $(RUN_DIR)/$$name.input.ipynb && \
+	  if [ "$(PRESET)" = "organism" ] && [ -z "$(MODEL)" ] && [ "$(SEED)" = "0" ]; then \
+	    $(PY) scripts/notebooks.py finalize $(RUN_DIR)/$$name.ipynb notebooks/$$name.ipynb && echo "[nb] updated notebooks/$$name.ipynb"; \
+	  else echo "[nb] executed copy in $(RUN_DIR)/$$name.ipynb (committed notebook untouched)"; fi
 
 test-unit: $(STAMP) ## Run only the unit tests
 	$(TEST_ENV) $(PY) -m pytest tests

@@ -163,7 +163,7 @@ def trainable_masks(model: nn.Module, *, freeze: UnitMask | None = None, train_o
     else:
         unit_rule = {n: True for n in unit_names}
     out: dict[str, torch.Tensor | bool] = {}
-    for n, p in model.named_parameters():
+    for n, _ in model.named_parameters():
         if n not in unit_names:
             out[n] = bool(train_other)
             continue

@@ -1,6 +1,7 @@
 """Loading, the family adapter and the whole-model unit mask (ssah_utils.models)."""
 
 import pytest
+from safetensors import SafetensorError
 import torch
 
 from ssah_utils import models as M
@@ -99,5 +100,5 @@ def test_mask_round_trips_through_safetensors(tmp_path):
     with pytest.raises(ValueError, match="not UnitShape"):
         M.UnitMask.load(path, expect=other)
     (tmp_path / "bad.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):
         M.UnitMask.load(tmp_path / "bad.safetensors")

@@ -35,7 +35,7 @@ def test_hooks_are_removed_on_error():
 def test_capture_removes_hooks_when_forward_fails():
     model = tiny_model("llama")
     before = probing.n_hooks(model)
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError):
         probing.capture_residual(model, [[2, 10, 500]])  # token id beyond the vocabulary
     assert probing.n_hooks(model) == before
 

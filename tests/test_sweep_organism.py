@@ -29,6 +29,7 @@ def test_parse_variant_types_and_errors():
         sw.parse_variant(":safety_lr=1")
 
 
+@pytest.mark.slow
 def test_tiny_sweep_then_report(tmp_path):
     sw = _load()
     assert sw.main(["--out", str(tmp_path), "--variant", f"tiny:{TINY},instruct_replay=1"]) == 0
