@@ -24,6 +24,7 @@ class TrainConfig:
     """How one learned head is trained (the shipped head's config is saved beside its weights)."""
 
     extractors: tuple[str, ...] = ("minilm", "smollm2")
+    views: tuple[str, ...] = ("full", "sentences")  # see learned_judge.features
     n_refusals: int = 300  # Llama-2-7b-chat refusals from refusal_pairs (0 = none)
     n_compliance: int = 300  # Alpaca reference answers (0 = none)
     seed: int = 0
@@ -41,33 +42,43 @@ def training_items(models: tuple[str, ...], cfg: TrainConfig, data_root=None) ->
     return pd.concat(parts, ignore_index=True)
 
 
+def candidates(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(extractor, view) pairs the CV chooses among."""
+    out = []
+    for ext in cfg.extractors:
+        out += [(ext, v) for v in cfg.views if v == "full" or ext == "minilm"]
+    return out
+
+
 def fit_selected(items: pd.DataFrame, cfg: TrainConfig) -> dict:
-    """CV-select extractor / layer / C on `items` (scored on its XSTest rows), then fit on all of it."""
+    """CV-select (extractor, view), SmolLM2 layer and C on `items` (scored on its XSTest rows), then fit
+    each candidate's best setting on all of it; `chosen` names the selected candidate."""
     y = items["label"].to_numpy()
     score_mask = items["source"].str.startswith("xstest_").to_numpy()
-    per_ext = {}
-    cv_rows = []
-    for ext in cfg.extractors:
-        X = lj.embed(items["text"].tolist(), ext)
+    heads, cv_rows = {}, []
+    for ext, view in candidates(cfg):
+        X = lj.features(items["text"].tolist(), ext, view)
         layers = lj.SMOLLM2_LAYERS if ext == "smollm2" else (None,)
         grid = [{"C": c, "layer": layer} for layer in layers for c in cfg.C_grid]
         best, res = lj.cv_select(X, y, grid, score_mask=score_mask, k=cfg.folds, seed=cfg.seed, extractor=ext)
-        score = max(r["cv_accuracy"] for r in res)
-        per_ext[ext] = (best, score, X)
-        cv_rows += [{"extractor": ext, **r} for r in res]
-    chosen = max(per_ext, key=lambda e: per_ext[e][1])
-    if "minilm" in per_ext and chosen != "minilm" and per_ext[chosen][1] < per_ext["minilm"][1] + cfg.prefer_minilm_margin:
-        chosen = "minilm"
-    heads = {}
-    for ext, (best, score, X) in per_ext.items():
+        key = f"{ext}/{view}"
+        cv_rows += [{"extractor": ext, "view": view, **r} for r in res]
         Xs = lj.select_layer(X, ext, best["layer"])
-        heads[ext] = {"head": lj.fit_logistic(Xs, y, best["C"]), "C": best["C"], "layer": best["layer"], "cv_accuracy": score}
+        heads[key] = {"extractor": ext, "view": view, "head": lj.fit_logistic(Xs, y, best["C"]), "C": best["C"],
+                      "layer": best["layer"], "cv_accuracy": max(r["cv_accuracy"] for r in res)}
+    score = {k: h["cv_accuracy"] for k, h in heads.items()}
+    chosen = max(score, key=score.get)  # first of equal scores: candidates() order (minilm first)
+    fast = [k for k in heads if heads[k]["extractor"] == "minilm"]
+    if heads[chosen]["extractor"] != "minilm" and fast:
+        best_fast = max(fast, key=score.get)
+        if score[chosen] < score[best_fast] + cfg.prefer_minilm_margin:
+            chosen = best_fast
     return {"chosen": chosen, "heads": heads, "cv": pd.DataFrame(cv_rows)}
 
 
-def predict(head_info: dict, ext: str, texts: list[str]) -> np.ndarray:
-    X = lj.select_layer(lj.embed(texts, ext), ext, head_info["layer"])
-    return head_info["head"].proba(X)
+def predict(info: dict, texts: list[str]) -> np.ndarray:
+    X = lj.select_layer(lj.features(texts, info["extractor"], info["view"]), info["extractor"], info["layer"])
+    return info["head"].proba(X)
 
 
 # ------------------------------------------------------------------------------------------------

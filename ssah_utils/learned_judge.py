@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 from . import config as _config
 
 JUDGES_DIR = _config.DATA_DIR / "judges"
+JUDGE_VERSION = "1"  # bump with any change to the features, the head or its training data
 FEATURE_CACHE_DIR = _config.CACHE_DIR / "judge_features"
 MAX_TOKENS = 256
 SMOLLM2_LAYERS = (6, 12, 18, 24, 30)  # hidden_states indices cached for the smollm2 extractor
@@ -95,7 +97,7 @@ def _load_smollm2():
     return model, tok
 
 
-def _embed_uncached(texts: list[str], extractor: str, batch_size: int = 16) -> np.ndarray:
+def _embed_uncached(texts: list[str], extractor: str, batch_size: int = 16, max_tokens: int = MAX_TOKENS) -> np.ndarray:
     import torch
 
     _threads()
@@ -104,7 +106,7 @@ def _embed_uncached(texts: list[str], extractor: str, batch_size: int = 16) -> n
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
             batch = [t if t.strip() else " " for t in texts[s:s + batch_size]]
-            enc = tok(batch, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            enc = tok(batch, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
             am = enc["attention_mask"].unsqueeze(-1).float()
             if extractor == "minilm":
                 h = model(**enc).last_hidden_state
@@ -121,13 +123,14 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def embed(texts, extractor: str = "minilm", *, cache: bool = True) -> np.ndarray:
-    """Features `[n, d]` (float32) of `texts`; with `cache`, read/extend `data/cache/judge_features/`."""
+def embed(texts, extractor: str = "minilm", *, cache: bool = True, max_tokens: int = MAX_TOKENS) -> np.ndarray:
+    """Features `[n, d]` (float32) of the first `max_tokens` tokens of `texts`; with `cache`, read/extend
+    `data/cache/judge_features/`."""
     texts = [str(t) for t in texts]
     _package_dir(extractor)  # clear error before any work
     if not cache:
-        return _embed_uncached(texts, extractor) if texts else np.zeros((0, 0), np.float32)
-    path = FEATURE_CACHE_DIR / f"{extractor}_{MAX_TOKENS}.npz"
+        return _embed_uncached(texts, extractor, max_tokens=max_tokens) if texts else np.zeros((0, 0), np.float32)
+    path = FEATURE_CACHE_DIR / f"{extractor}_{max_tokens}.npz"
     store: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path) as z:
@@ -136,13 +139,53 @@ def embed(texts, extractor: str = "minilm", *, cache: bool = True) -> np.ndarray
     todo = list(dict.fromkeys(k for k in keys if k not in store))
     if todo:
         first = {k: t for k, t in zip(keys, texts)}
-        X = _embed_uncached([first[k] for k in todo], extractor)
+        X = _embed_uncached([first[k] for k in todo], extractor, max_tokens=max_tokens)
         store.update(zip(todo, X))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, keys=np.array(list(store)), X=np.stack(list(store.values())))
         os.replace(tmp, path)
     return np.stack([store[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+MAX_SENTENCES = 8
+SENTENCE_TOKENS = 64
+VIEWS = ("full", "sentences")
+
+
+def sentences(text: str, k: int = MAX_SENTENCES) -> list[str]:
+    """The first `k` sentences (split after . ! ? and at line breaks); the whole text if none."""
+    parts = [x.strip() for x in _SENT.split(str(text)) if x and x.strip()]
+    return (parts or [str(text)])[:k]
+
+
+def features(texts, extractor: str = "minilm", view: str = "full", *, cache: bool = True) -> np.ndarray:
+    """The judge's input features of `texts`.
+
+    - "full": the pooled embedding of the first MAX_TOKENS tokens (for smollm2: every cached layer);
+    - "sentences" (minilm only): each of the first MAX_SENTENCES sentences embedded on its own (<= 64
+      tokens), then [first sentence, mean of the first three, elementwise max, elementwise min] plus the
+      embedding of the first 64 tokens. Pooling per sentence keeps a one-sentence refusal ("I cannot help
+      with that.") from being averaged away by the topic words of the rest, and max/min let a refusal
+      sentence anywhere in the answer show (partial refusals).
+    """
+    texts = [str(t) for t in texts]
+    if view == "full":
+        return embed(texts, extractor, cache=cache)
+    if view != "sentences" or extractor != "minilm":
+        raise ValueError(f"view must be one of {VIEWS} ('sentences' for minilm only), got {view!r} for {extractor!r}")
+    if not texts:
+        return np.zeros((0, 5 * 384), np.float32)
+    per = [sentences(t) for t in texts]
+    uniq = list(dict.fromkeys(x for ss in per for x in ss))
+    E = dict(zip(uniq, embed(uniq, extractor, cache=cache, max_tokens=SENTENCE_TOKENS)))
+    head = embed(texts, extractor, cache=cache, max_tokens=SENTENCE_TOKENS)
+    rows = []
+    for ss in per:
+        S = np.stack([E[x] for x in ss])
+        rows.append(np.concatenate([S[0], S[:3].mean(0), S.max(0), S.min(0)]))
+    return np.hstack([np.stack(rows), head]).astype(np.float32)
 
 
 def select_layer(X: np.ndarray, extractor: str, layer: int | None) -> np.ndarray:
@@ -196,18 +239,42 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, C: float, *, balanced: bool = Tru
     else:
         s = np.ones_like(y)
     d = Z.shape[1]
-    reg = np.eye(d) / C
-    reg[-1, -1] = 0.0
+    reg = np.full(d, 1.0 / C)
+    reg[-1] = 0.0
     theta = np.zeros(d)
     for _ in range(max_iter):
         p = 1.0 / (1.0 + np.exp(-(Z @ theta)))
-        grad = Z.T @ (s * (p - y)) + reg @ theta
-        H = (Z * (s * p * (1 - p))[:, None]).T @ Z + reg + 1e-12 * np.eye(d)
-        step = np.linalg.solve(H, grad)
+        grad = Z.T @ (s * (p - y)) + reg * theta
+        h = s * p * (1 - p)
+        if d <= 800:  # exact Newton step
+            H = (Z * h[:, None]).T @ Z + np.diag(reg) + 1e-12 * np.eye(d)
+            step = np.linalg.solve(H, grad)
+        else:  # Newton-CG: Hessian-vector products only (n*d per product instead of n*d^2 for H)
+            step = _cg(lambda v: Z.T @ (h * (Z @ v)) + reg * v + 1e-12 * v, grad, tol=1e-12, max_iter=4 * d)
         theta -= step
         if np.max(np.abs(step)) < tol:
             break
     return LogisticHead(mean=mean, scale=scale, w=theta[:-1].copy(), b=float(theta[-1]))
+
+
+def _cg(matvec, b: np.ndarray, *, tol: float, max_iter: int) -> np.ndarray:
+    """Conjugate gradients for a symmetric positive-definite system (deterministic)."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    q = r.copy()
+    rr = r @ r
+    stop = tol * tol * max(rr, 1e-300)
+    for _ in range(max_iter):
+        Aq = matvec(q)
+        a = rr / (q @ Aq)
+        x += a * q
+        r -= a * Aq
+        rr_new = r @ r
+        if rr_new <= stop:
+            break
+        q = r + (rr_new / rr) * q
+        rr = rr_new
+    return x
 
 
 def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -257,6 +324,7 @@ class LearnedJudgeSpec:
     extractor: str
     layer: int | None
     C: float
+    view: str = "full"
     threshold: float = 0.5
     training: dict = field(default_factory=dict)
 
@@ -297,7 +365,7 @@ def load_head(path: Path) -> tuple[LearnedJudgeSpec, LogisticHead]:
     got = _weights_hash(head)
     if got != doc["weights_sha256"]:
         raise ValueError(f"judge head {path} is corrupt: weights hash {got[:12]} != recorded {doc['weights_sha256'][:12]}")
-    spec = LearnedJudgeSpec(**{k: doc[k] for k in ("name", "version", "extractor", "layer", "C", "threshold", "training")})
+    spec = LearnedJudgeSpec(**{k: doc[k] for k in ("name", "version", "extractor", "layer", "C", "view", "threshold", "training")})
     return spec, head
 
 
@@ -308,7 +376,7 @@ class LearnedJudge:
     uses_prompt = False
 
     def __init__(self, path: Path | str | None = None, *, cache: bool = False):
-        self.path = Path(path) if path is not None else JUDGES_DIR / "learned_minilm.json"
+        self.path = Path(path) if path is not None else JUDGES_DIR / "learned.json"
         self.spec, self.head = load_head(self.path)
         self.name = self.spec.name
         self.version = self.spec.version
@@ -322,7 +390,8 @@ class LearnedJudge:
         responses = [str(r) for r in responses]
         if not responses:
             return np.zeros(0)
-        X = select_layer(embed(responses, self.spec.extractor, cache=self.cache), self.spec.extractor, self.spec.layer)
+        X = features(responses, self.spec.extractor, self.spec.view, cache=self.cache)
+        X = select_layer(X, self.spec.extractor, self.spec.layer)
         return self.head.proba(X)
 
     def refusals(self, responses, prompts=None) -> list[bool]:
