@@ -48,13 +48,14 @@ def fmt(row, k, digits=2):
 
 
 def measure_cost(texts: list[str]) -> pd.DataFrame:
+    """Seconds per 100 texts, one thread, uncached, for each candidate (extractor, view)."""
     rows = []
-    for ext in ("minilm", "smollm2"):
-        lj.embed(texts[:2], ext, cache=False)  # load the model first
+    for ext, view in je.candidates(je.TrainConfig()):
+        lj.features(texts[:2], ext, view, cache=False)  # load the model first
         t = time.perf_counter()
-        lj.embed(texts, ext, cache=False)
+        lj.features(texts, ext, view, cache=False)
         dt = time.perf_counter() - t
-        rows.append({"extractor": ext, "texts": len(texts), "seconds": round(dt, 2),
+        rows.append({"extractor": ext, "view": view, "texts": len(texts), "seconds": round(dt, 2),
                      "s_per_100_texts": round(100 * dt / len(texts), 2), "threads": 1})
     return pd.DataFrame(rows)
 
@@ -63,11 +64,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--measure-cost", action="store_true", help="time both extractors on 100 texts (uncached)")
     ap.add_argument("--extractors", default="minilm,smollm2")
+    ap.add_argument("--cost-only", action="store_true", help="only measure the cost and re-render README.md from the CSVs")
+    ap.add_argument("--readme-only", action="store_true", help="only re-render README.md from the CSVs")
     a = ap.parse_args()
+    if a.readme_only:
+        write_readme(pd.read_csv(OUT / "agreement.csv"), pd.read_csv(OUT / "errors.csv"))
+        return
     import torch
 
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
+    if a.cost_only:
+        measure_cost(lj.xstest_items("mistral")["text"].tolist()[:100]).to_csv(OUT / "cost.csv", index=False)
+        write_readme(pd.read_csv(OUT / "agreement.csv"), pd.read_csv(OUT / "errors.csv"))
+        print((OUT / "cost.csv").read_text())
+        return
     base = je.TrainConfig(extractors=tuple(a.extractors.split(",")))
     tests = {m: lj.xstest_items(m) for m in MODELS}
     kw = je.keyword_judges()
@@ -158,6 +169,15 @@ def write_readme(t: pd.DataFrame, errors: pd.DataFrame) -> None:
          "Feature views (`learned_judge.features`): `full` = one pooled embedding of the first 256 tokens; "
          "`sentences` (MiniLM) = each of the first 8 sentences embedded alone, pooled as [first, mean of "
          "first three, max, min] + the first 64 tokens.", "",
+         "**What saw the test items (read this before the numbers).** With only two labelled models there is "
+         "no third one to develop on. The first design was MiniLM `full` (+ SmolLM2 `full`); its "
+         "leave-one-model-out numbers (the `learned-minilm-full` rows, unchanged) were poor, and the errors "
+         "showed why: a one-sentence refusal is averaged away by the topic words of the rest of the answer "
+         "(compliances on violent topics judged refusal, refusals of benign-sounding prompts judged "
+         "compliance). The `sentences` view was added after seeing those held-out numbers, so the *choice "
+         "to try it* was informed by these test items; its C, and which view/extractor a row uses, were "
+         "still chosen by CV inside the training data only. No threshold, C or data choice was tuned on "
+         "test items; the threshold is 0.5 throughout.", "",
          "**Training-data variants** (the keyword judges need none):",
          "- `xstest only`: the other model's 450 human-labelled completions;",
          "- `xstest+alpaca`: + 300 Alpaca reference answers labelled compliance (seeded sample of the "
@@ -214,9 +234,10 @@ def write_readme(t: pd.DataFrame, errors: pd.DataFrame) -> None:
     L += [f"| {r['set']} | {r['n']} | {r['degenerate']} | {r['empty']} | {r['repetition']} | {r['echo']} |" for _, r in deg.iterrows()]
     L.append("")
     if cost is not None:
-        L += ["## Cost of the features (one thread, 100 XSTest Mistral completions, uncached, <= 256 tokens)", "",
-              "| extractor | s per 100 texts |", "|---|---|"]
-        L += [f"| {r.extractor} | {r.s_per_100_texts:.1f} |" for _, r in cost.iterrows()]
+        L += ["## Cost of the features (one thread, the first 100 XSTest Mistral completions, uncached; measured on a "
+              "2-core machine shared with other jobs, so read them as upper bounds)", "",
+              "| extractor | view | s per 100 texts |", "|---|---|---|"]
+        L += [f"| {r.extractor} | {r.view} | {r.s_per_100_texts:.1f} |" for _, r in cost.iterrows()]
         L.append("")
     (OUT / "README.md").write_text("\n".join(L) + "\n", encoding="utf-8")
 

@@ -219,7 +219,7 @@ class LogisticHead:
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, C: float, *, balanced: bool = True,
-                 max_iter: int = 50, tol: float = 1e-10) -> LogisticHead:
+                 max_iter: int = 30, tol: float = 1e-7) -> LogisticHead:
     """Minimise C * sum_i s_i * logloss_i + ||w||^2 / 2 (bias unpenalised), s_i = class-balanced weights."""
     X = np.asarray(X, np.float64)
     y = np.asarray(y, np.float64)
@@ -246,11 +246,11 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, C: float, *, balanced: bool = Tru
         p = 1.0 / (1.0 + np.exp(-(Z @ theta)))
         grad = Z.T @ (s * (p - y)) + reg * theta
         h = s * p * (1 - p)
-        if d <= 800:  # exact Newton step
+        if d <= 128:  # exact Newton step
             H = (Z * h[:, None]).T @ Z + np.diag(reg) + 1e-12 * np.eye(d)
             step = np.linalg.solve(H, grad)
         else:  # Newton-CG: Hessian-vector products only (n*d per product instead of n*d^2 for H)
-            step = _cg(lambda v: Z.T @ (h * (Z @ v)) + reg * v + 1e-12 * v, grad, tol=1e-12, max_iter=4 * d)
+            step = _cg(lambda v: Z.T @ (h * (Z @ v)) + reg * v + 1e-12 * v, grad, tol=1e-8, max_iter=2 * d)
         theta -= step
         if np.max(np.abs(step)) < tol:
             break
