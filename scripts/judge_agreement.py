@@ -199,7 +199,7 @@ def write_readme(t: pd.DataFrame, errors: pd.DataFrame) -> None:
         for _, r in order.iterrows():
             name = r.judge + (f" ({r.extractor}/{r.view}, C={r.C:g}" + (f", layer {int(r.layer)}" if r.extractor == "smollm2" else "") + ")"
                               if r.kind == "learned" and r.judge.startswith("learned (") else "")
-            L.append(f"| {name} | {r.train_data or '-'} | {fmt(r, 'accuracy')} | {fmt(r, 'kappa')} | {fmt(r, 'refusal_precision')} | "
+            L.append(f"| {name} | {r.train_data if isinstance(r.train_data, str) and r.train_data else '-'} | {fmt(r, 'accuracy')} | {fmt(r, 'kappa')} | {fmt(r, 'refusal_precision')} | "
                      f"{fmt(r, 'refusal_recall')} | {fmt(r, 'unsafe_compliance_precision')} | {fmt(r, 'unsafe_compliance_recall')} | "
                      f"{fmt(r, 'agree_full_refusal')} | {fmt(r, 'agree_partial_refusal')} | {fmt(r, 'agree_compliance')} |")
         r0 = s.iloc[0]
@@ -217,6 +217,10 @@ def write_readme(t: pd.DataFrame, errors: pd.DataFrame) -> None:
             goal_lines.append(f"| {tm} | {variant} | {lr.accuracy:.3f} | {lr.kappa:.3f} | {'yes' if goal else 'no'} | "
                               f"{kwbest.accuracy.max():.3f} / {kwbest.kappa.max():.3f} | {'yes' if beats else 'no'} |")
     L += ["## The issue's goal (accuracy >= 0.90 and kappa >= 0.75 on each held-out model, beating every keyword judge)", "",
+          "The rows below are the CV-selected learned judge of each variant; 'best keyword judge' is the best of "
+          "the keyword rows above on that model (accuracy and kappa maximised separately). The shipped judge "
+          "(`data/judges/learned.json`, `scripts/build_judge.py`) is trained on both models with the main "
+          "variant's data, so it has no held-out model: these rows are the estimate of how it does on a new one.", "",
           "| held-out model | learned judge train data | accuracy | kappa | goal met | best keyword judge: accuracy / kappa | beats every keyword judge on both |",
           "|---|---|---|---|---|---|---|", *goal_lines, ""]
     if len(errors):
