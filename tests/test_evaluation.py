@@ -39,7 +39,7 @@ def test_evaluate_behaviour_rows(tiny):
     assert set(df["verdict"]) <= set(world.VERDICTS)
     assert df.loc[1, "response"].startswith("sure , here is")  # the prefill is part of the response
     assert df.loc[1, "prefill"] == "sure , here is"
-    assert df.loc[3, "verdict"] in ("harmful", "refusal")  # keyword rule for non-world records
+    assert df.loc[3, "verdict"] in ("harmful", "refusal", "degenerate")  # the default judge for non-world records
     assert df["keyword_attack"].dtype == bool
 
 
