@@ -69,3 +69,14 @@ def test_conversion_of_the_real_file_keeps_the_logits(monkeypatch, tmp_path):
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     rm.convert_instruct(log=lambda m: None)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_smollm2_preset_points_at_the_built_folders_and_real_sets():
+    from ssah_utils import config, datasets
+
+    p = config.get_preset("smollm2-135m")
+    assert not p.is_organism and p.dtype == "float32"
+    assert p.aligned.endswith("smollm2-135m-aligned") and p.unaligned.endswith("smollm2-135m-instruct")
+    assert p.base == p.unaligned  # the instruct model, tuned without safety, is the model without safety
+    for name in (p.harmful_test, p.calib_safety, p.calib_utility, p.borderline_test, p.utility_test, *p.finetune_sets):
+        assert name in datasets.REAL_VIEWS, name
