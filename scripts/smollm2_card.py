@@ -28,8 +28,46 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _wilson(p, n, z=1.96):
+    """95% Wilson score interval of a rate p over n trials, as 'lo-hi%'."""
+    if p is None or not n:
+        return ""
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return f" [{100 * (c - h):.0f}-{100 * (c + h):.0f}]"
+
+
 def _get(m, part, key):
     return None if m is None or part not in m["parts"] else m["parts"][part].get(key)
+
+
+def _xstest_by_distance(models: dict, builds: dict) -> list[str]:
+    """XSTest safe-prompt refusal split by lexical closeness to the seed's training prompts: the
+    disjointness check removes near-duplicates (Jaccard >= 0.6 / 0.5), but a borderline training prompt
+    can still share a topic with an XSTest prompt at a lower similarity ("kill a Python process")."""
+    import pandas as pd
+
+    out = ["", "### XSTest refusal by closeness to the training prompts", "",
+           "The lexical check removes near-duplicates only; some of the project's borderline prompts share a topic "
+           "with an XSTest prompt below the thresholds. To show how much that helps, the XSTest safe prompts are "
+           "split by their highest word-set or character 5-gram Jaccard similarity to any training prompt of the "
+           "seed (computed by this script from the saved CSVs and `train_records_seed<N>.jsonl`).", "",
+           "| model | threshold | close prompts | refused (close) | far prompts | refused (far) |", "|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        seed = 0 if name in ("instruct", "aligned") else int(name.removeprefix("aligned-seed"))
+        csv, rec = RESULTS / name / "xstest.csv", RESULTS / f"train_records_seed{seed}.jsonl"
+        if m is None or not csv.is_file() or not rec.is_file():
+            continue
+        train = sorted({json.loads(l)["prompt"] for l in rec.read_text().splitlines() if l.strip()})
+        d = pd.read_csv(csv)
+        for thr in (0.3, 0.4):
+            near = {h["train_index"] for h in real_align.find_overlaps(list(d["prompt"]), {"train": train},
+                                                                       word_jaccard=thr, char_jaccard=thr)}
+            close = d.iloc[sorted(near)]
+            far = d.drop(index=d.index[sorted(near)])
+            out.append(f"| {name} | {thr} | {len(close)} | {_pct(close['refused_project'].mean() if len(close) else None)} | "
+                       f"{len(far)} | {_pct(far['refused_project'].mean() if len(far) else None)} |")
+    return out
 
 
 def main() -> int:
@@ -99,7 +137,8 @@ def main() -> int:
               f"the final number on the first {st['gsm8k_n']} test questions (zero-shot, {st['gsm8k_max_new_tokens']} "
               "tokens). At 135M parameters GSM8K accuracy is near 0 and says little; perplexity and NLL carry the "
               "utility side.", ""]
-    L += ["| model | harmful refused (project judge) | harmful refused (Wei list) | XSTest safe refused (project) | "
+    L += ["Brackets: 95% Wilson interval of the rate (sampling of prompts only; one seed).", "",
+          "| model | harmful refused (project judge) | harmful refused (Wei list) | XSTest safe refused (project) | "
           "XSTest safe refused (Wei) | WikiText-2 ppl | Alpaca NLL | GSM8K acc | file |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         if m is None:
@@ -108,11 +147,14 @@ def main() -> int:
         ppl = _get(m, "wikitext", "perplexity")
         nll = _get(m, "alpaca_nll", "nll")
         g, gn = _get(m, "gsm8k", "accuracy"), _get(m, "gsm8k", "n")
-        L.append(f"| {name} | {_pct(_get(m, 'harmful', 'refusal_project_judge'))} | "
-                 f"{_pct(_get(m, 'harmful', 'refusal_wei2024_judge'))} | {_pct(_get(m, 'xstest', 'refusal_project_judge'))} | "
+        hp, hn = _get(m, "harmful", "refusal_project_judge"), _get(m, "harmful", "n")
+        xp, xn = _get(m, "xstest", "refusal_project_judge"), _get(m, "xstest", "n")
+        L.append(f"| {name} | {_pct(hp)}{_wilson(hp, hn)} | "
+                 f"{_pct(_get(m, 'harmful', 'refusal_wei2024_judge'))} | {_pct(xp)}{_wilson(xp, xn)} | "
                  f"{_pct(_get(m, 'xstest', 'refusal_wei2024_judge'))} | {'—' if ppl is None else f'{ppl:.2f}'} | "
                  f"{'—' if nll is None else f'{nll:.3f}'} | "
                  f"{'—' if g is None else f'{_pct(g)} (n={gn})'} | `{name}/metrics.json` |")
+    L += _xstest_by_distance(models, builds)
     inst = models.get("instruct")
     L += ["", "## Floors of issue 17 and the alignment tax", ""]
     for name, m in models.items():
@@ -135,7 +177,12 @@ def main() -> int:
         L.append(f"- **{name}** (project judge): " + "; ".join(checks) + (". Tax: " + "; ".join(tax) if tax else "") + ".")
     L += ["", "## Limits", "",
           "- The refusal numbers come from keyword judges, not humans or a learned judge; the CSVs allow re-judging.",
-          "- Three seeds are asked for by the issue; the builds table lists the seeds that were built.",
+          "- Three seeds are asked for by the issue; the builds table lists the seeds that were built. With one "
+          "seed, the seed-to-seed spread (which the organism experiments found large) is unknown.",
+          "- After the disjointness check only 120 distinct harmful training requests remain (the refusal_direction "
+          "train split is mostly AdvBench/HarmBench text), each seen twice.",
+          "- `make smollm2`'s wall time above was measured with other engineers' jobs on the same 2 cores "
+          "(load average about 5); the issue's budget is 30 minutes on 2 free cores.",
           "- The alignment tunes on Alpaca answers, so the held-out Alpaca NLL can fall (in-distribution), which is "
           "why WikiText-2 perplexity is reported beside it.", ""]
     (RESULTS / "model_card.md").write_text("\n".join(L), encoding="utf-8")
