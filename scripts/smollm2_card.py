@@ -175,6 +175,12 @@ def main() -> int:
             if a is not None and b is not None:
                 tax.append(f"{label} {a:.3f} -> {b:.3f} ({100 * (b - a) / a:+.1f}%)")
         L.append(f"- **{name}** (project judge): " + "; ".join(checks) + (". Tax: " + "; ".join(tax) if tax else "") + ".")
+    L += ["", "## Reproduce", "",
+          "```", "make smollm2                         # install + verify + convert + build seed 0 (SEED=N for others)",
+          "OMP_NUM_THREADS=1 .venv/bin/python scripts/measure_smollm2.py --model instruct",
+          "OMP_NUM_THREADS=1 .venv/bin/python scripts/measure_smollm2.py --model aligned   # aligned-seedN for SEED=N",
+          ".venv/bin/python scripts/smollm2_card.py   # this card", "```", "",
+          "Seconds per measured part are in each `metrics.json` (`parts.<part>.seconds`), logs in `measure_<model>.log`.", ""]
     L += ["", "## Limits", "",
           "- The refusal numbers come from keyword judges, not humans or a learned judge; the CSVs allow re-judging.",
           "- Three seeds are asked for by the issue; the builds table lists the seeds that were built. With one "
