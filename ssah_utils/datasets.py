@@ -87,6 +87,13 @@ REAL_DATASETS: dict[str, RealDataset] = {d.name: d for d in [
     RealDataset("aoa_identity_shift", "finetune_attacks/aoa_identity_shift_10.json",
                 f"{_GH}/LLM-Tuning-Safety/LLMs-Finetuning-Safety/main/llama2/ft_datasets/aoa_dataset/train.json",
                 "MIT", "bb141f0cec07cc5b", "The 10 identity-shifting fine-tuning examples of Qi et al. 2023"),
+    RealDataset("wikitext2", "wikitext2/test.txt",
+                f"{_GH}/pytorch/examples/main/word_language_model/data/wikitext-2/test.txt",
+                "CC BY-SA 3.0", "d790b833ef8cf03a",
+                "WikiText-2 test (tokenised v1 with <unk>; Merity et al. 2016): the paper's perplexity metric"),
+    RealDataset("wikitext2_valid", "wikitext2/valid.txt",
+                f"{_GH}/pytorch/examples/main/word_language_model/data/wikitext-2/valid.txt",
+                "CC BY-SA 3.0", "f0737ed31fc13290", "WikiText-2 validation (tokenised v1 with <unk>)"),
     *[
         RealDataset(f"refusal_direction_{kind}_{split}", f"refusal_direction_splits/{kind}_{split}.json",
                     f"{_GH}/andyrdt/refusal_direction/main/dataset/splits/{kind}_{split}.json",
@@ -196,6 +203,8 @@ def load_real(name: str, data_root: str | Path | None = None, download: bool | N
             return pd.read_json(io.StringIO(f.read()), lines=True)
     if path.suffix == ".jsonl":
         return pd.read_json(path, lines=True)
+    if path.suffix == ".txt":  # WikiText-2: one paragraph a line
+        return pd.DataFrame({"text": path.read_text(encoding="utf-8").split("\n")})
     data = json.loads(path.read_text(encoding="utf-8"))
     if data and isinstance(data[0], list):  # chat message lists (AOA)
         return pd.DataFrame({"messages": data})

