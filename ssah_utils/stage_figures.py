@@ -345,7 +345,7 @@ def saved_figure(name: str):
     """The saved PNG `figures/<name>.png`, for display in a notebook."""
     from IPython.display import Image
 
-    path = _config.FIGURES_DIR / f"{name}.png"
+    path = _config.output_dir("figures") / f"{name}.png"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: nothing has saved figure {name!r} yet")
     return Image(filename=str(path))
