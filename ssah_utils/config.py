@@ -210,6 +210,7 @@ def check_seed(seed: Any) -> int:
 def run_name(preset: str = DEFAULT_PRESET, model: str | None = "", seed: int = 0) -> str:
     """The folder name of a run under runs/: the preset, then the model and seed when they are not the
     default ('organism', 'llama2-7b-chat', 'organism-seed1', 'llama2-7b-chat-my-org_my-model')."""
+    preset = preset or DEFAULT_PRESET
     get_preset(preset, model or None)  # a clear error for an unknown preset
     model = check_model_spec(model or "")
     name = preset + (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', model)}" if model else "")
@@ -245,6 +246,87 @@ def output_dir(kind: str) -> Path:
         raise ValueError(f"kind must be one of {sorted(committed)}, got {kind!r}")
     root = output_root()
     return committed[kind] if root is None else root / kind
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter checks shared by every stage's make_config (a bad value fails before any model is loaded)
+# --------------------------------------------------------------------------------------------------
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int (an integral float such as 3.0 is accepted; bool, str and 2.5 are not), within bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                open_low: bool = False, open_high: bool = False) -> float:
+    """`value` as a finite float within [low, high] (`open_low`/`open_high`: the bound itself is excluded)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value <= low if open_low else value < low)
+    bad |= high is not None and (value >= high if open_high else value > high)
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if open_low or low is None else '['}{lo}, {hi}{')' if open_high or high is None else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_epochs(value: Any, n_stages: int, *, where: str) -> tuple[float, ...] | None:
+    """The `epochs` parameter of 03 and 04, one format for both: a number or a string of comma-separated
+    numbers; one value applies to every SFT stage, a list gives one value per stage; 0, '' or None keep
+    the recipe's. Anything else (a wrong count, a negative, non-finite or non-numeric value) is an error."""
+    import math
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', got {value!r}")
+    if isinstance(value, (int, float)):
+        vals = (float(value),)
+    elif isinstance(value, str):
+        try:
+            vals = tuple(float(x) for x in value.split(","))
+        except ValueError as err:
+            raise ValueError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', "
+                             f"got {value!r}") from err
+    elif isinstance(value, (tuple, list)):
+        vals = tuple(check_float(f"{where}: epochs", v) for v in value)
+    else:
+        raise TypeError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', got {value!r}")
+    if vals == (0.0,):
+        return None
+    if any(not math.isfinite(v) or v <= 0 for v in vals):
+        raise ValueError(f"{where}: every epochs value must be a positive number (fractions allowed; 0 or '' = the "
+                         f"recipe's), got {value!r}")
+    if len(vals) == 1:
+        return vals * n_stages
+    if len(vals) != n_stages:
+        raise ValueError(f"{where}: epochs has {len(vals)} values but this alignment/fine-tuning has {n_stages} "
+                         f"SFT stage(s); give one value (for every stage) or {n_stages}, got {value!r}")
+    return vals
 
 
 def seed_everything(seed: int) -> None:
