@@ -264,7 +264,7 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
 
 
 def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                open_low: bool = False, open_high: bool = False) -> float:
+                open_low: bool = False, open_high: bool = False, what: str = "a number") -> float:
     """`value` as a finite float within [low, high] (`open_low`/`open_high`: the bound itself is excluded)."""
     import math
 
@@ -278,7 +278,7 @@ def check_float(name: str, value: Any, low: float | None = None, high: float | N
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         interval = f"{'(' if open_low or low is None else '['}{lo}, {hi}{')' if open_high or high is None else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be {what} in {interval}, got {value!r}")
     return value
 
 
@@ -324,8 +324,8 @@ def parse_epochs(value: Any, n_stages: int, *, where: str) -> tuple[float, ...] 
     if len(vals) == 1:
         return vals * n_stages
     if len(vals) != n_stages:
-        raise ValueError(f"{where}: epochs has {len(vals)} values but this alignment/fine-tuning has {n_stages} "
-                         f"SFT stage(s); give one value (for every stage) or {n_stages}, got {value!r}")
+        raise ValueError(f"{where}: epochs has {len(vals)} values but there are {n_stages} SFT stage(s); give that "
+                         f"many epochs (one per stage) or one value for every stage, got {value!r}")
     return vals
 
 

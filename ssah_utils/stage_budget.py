@@ -199,7 +199,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
         raise ValueError(f"alignment must be one of {ALIGNMENTS} ('' = the preset's), got {alignment!r}")
     n_stages = 2 if (p.is_organism and alignment == "instruct+safety") else 1
     ep = c.parse_epochs(epochs, n_stages, where=f"04_alignment_budget, alignment {alignment!r}")
-    c.check_float("ru_frac", ru_frac, 0.0, 1.0, open_low=True, open_high=True)
+    c.check_float("ru_frac", ru_frac, 0.0, 1.0, open_low=True, open_high=True, what="a share of parameters")
     c.check_int("n_seeds (training seeds per condition; 3 for error bars)", n_seeds, 1)
     c.check_float("lr_scale_masked", lr_scale_masked, 0.0, open_low=True)
     c.check_bool("train_other_masked", train_other_masked)

@@ -154,7 +154,8 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     if fit_ratio is not None:
         c.check_float("fit_ratio (-1 = the preset's)", fit_ratio, 0.0, 1.0, open_high=True)
     if isinstance(conditions, str) or not conditions or [x for x in conditions if x not in CONDITIONS]:
-        raise ValueError(f"conditions must be a non-empty list of {CONDITIONS}, got {conditions!r}")
+        bad = [x for x in conditions if x not in CONDITIONS] if not isinstance(conditions, str) else [conditions]
+        raise ValueError(f"unknown conditions {bad}: conditions must be a non-empty list of {CONDITIONS}, got {conditions!r}")
     over = {k: v for k, v in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size),
                               ("weight_decay", weight_decay)) if v is not None}
     train = dataclasses.replace(base, **over)
