@@ -306,7 +306,7 @@ code("""
 dvb = sp.direction_vs_behaviour(dr["requests"])
 plots.save_table(dvb, "probe_direction_vs_behaviour")
 dvb.round(3)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Per group of requests: how often the aligned model refuses, the mean score, the share of requests on
@@ -337,7 +337,7 @@ code("""
 ts = sp.token_summary(dr["tokens"], max_step=10)
 plots.save_table(ts, "probe_direction_per_token")
 ts.round(3)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Mean score at generated token 0 … 9, by group and by what the model did (`n` requests each). Token 0 is
@@ -348,7 +348,7 @@ code("""
 sep = sp.token_separation(dr["tokens"])
 plots.save_table(sep, "probe_direction_token_auc")
 sep.pivot(index="step", columns="contrast", values="auc").round(3)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 The direction was fitted on prompt states, so along an answer its raw value drifts with the words being
@@ -383,7 +383,7 @@ plain request for the same activity, and count how the aligned organism handles 
 code("""
 se = sp.seed_example(cfg)
 se["summary"]
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Pairs where the plain request is refused, where the framed one is answered harmfully, and where both
@@ -393,11 +393,11 @@ happen (the seed example). One pair, the first such one if there is any:
 code("""
 with pd.option_context("display.max_colwidth", 200):
     display(se["pairs"].round(3))
-""")
+""", tags=["nbval-ignore-output"])
 
 code("""
 se["tokens"].pivot(index="step", columns="request", values="score").head(12).round(3)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 The direction score at each generated token of the two answers.
@@ -409,7 +409,7 @@ md("""
 
 code("""
 print(sp.summary_text(cfg, dist, dist7, acc, dr, se, point))
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 **Reading the numbers above (default run: the frozen seed-0 organism).**

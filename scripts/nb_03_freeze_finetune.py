@@ -117,7 +117,7 @@ if sweep is not None:
     plots.save_table(sf.sweep_table(cfg, sweep), "table2_freeze_lr_sweep")
 print(f"fine-tuning lr: {cfg.train.lr:g}")
 sf.sweep_table(cfg, sweep) if sweep is not None else "lr sweep skipped (lr_grid = '')"
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 `set_loss_before` / `set_loss_after` are the mean response-token losses on the whole fine-tuning set before
@@ -155,7 +155,7 @@ code("""
 summary = sf.summarize(df)
 plots.save_table(summary, "table2_freeze")
 sf.table2_display(summary)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Read each set's rows top to bottom: how far full fine-tuning moves the safety columns from `before`, how much
@@ -170,7 +170,7 @@ code("""
 vs = sf.vs_paper(summary)
 plots.save_table(vs, "table2_freeze_vs_paper")
 vs.round(2)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 The paper's numbers are for a 7B model on AdvBench; compare directions (does freezing reduce the rise in ASR
@@ -198,7 +198,7 @@ if fig is not None:
     _ = plots.save_figure(fig, "fig5_freeze_label_transfer")
     plots.save_table(sf.transfer_summary(cfg), "fig5_freeze_label_transfer")
 sf.transfer_summary(cfg).round(1) if cfg.relabel else "relabel = False"
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 The paper reports that fine-tuning on Dolly moves more than half of the ESU into CU. Compare the ESU row of
@@ -211,7 +211,7 @@ Every number below is read from the cached runs above.
 
 code("""
 print(sf.summary_text(cfg, sweep))
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 "Higher/lower" compares refusals of harmful requests (mean over replicates) and counts a difference only when

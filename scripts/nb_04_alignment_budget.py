@@ -138,7 +138,7 @@ code("""
 t4 = sb.table4(cfg)  # trains and evaluates every condition and seed (each run cached)
 plots.save_table(t4["summary"], "table4_budget")
 sb.table4_display(t4["summary"])
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Rows: `base` (raw prompt) and `reference` (the preset's shipped aligned model, chat) are single models;
@@ -186,7 +186,7 @@ harmful request and to a task:
 
 code("""
 sb.response_examples(cfg, "harmful", n=2)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Compare the verdicts with the table: a masked model may answer in the chat format (it learnt the format)
@@ -195,7 +195,7 @@ and still comply with harmful requests (it did not learn to refuse).
 
 code("""
 sb.response_examples(cfg, "utility", n=2)
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 ### Beside the paper's Table 4
@@ -208,7 +208,7 @@ code("""
 vs = sb.table4_vs_paper(t4["summary"])
 plots.save_table(vs, "table4_budget_vs_paper")
 vs
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Different models, data and scales: compare directions (does RU-only lose less than full SFT?), not values.
@@ -241,7 +241,7 @@ safety calibration falls back to the set's reference refusals (which calibration
 
 code("""
 pd.DataFrame({"safety_calibration": tr["safety_calibration"]}).join(tr["shares"].T.round(1))
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Label shares (% of units) of each aligned model beside the calibration used. With the model's own refusals
@@ -254,7 +254,7 @@ Every number below is read from the cached results above.
 
 code("""
 print(sb.summary_text(cfg, tr))
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 "Not distinguishable from the null" means the RU-only and random-unit task accuracies differ by less than

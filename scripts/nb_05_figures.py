@@ -183,7 +183,7 @@ values do not carry over from a 7B chat model to a tiny organism; directions and
 code("""
 card, pvr = sfig.write_paper_tables(sections)
 pvr["paper_vs_run_table1"]
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Table 1 (Llama-2-7B-chat, Llama-3-8B-Instruct, Mistral-7B-Instruct): ASR with the paper's keyword judge,
@@ -192,7 +192,7 @@ utility and perplexity, beside this run's dense model and ESU/EUU removal (mean 
 
 code("""
 pvr["paper_vs_run_table2"]
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Table 2 (fine-tuning attack on Llama-2-7B-chat): keyword ASR before and after fine-tuning, and with ESU
@@ -201,7 +201,7 @@ Table 2 (fine-tuning attack on Llama-2-7B-chat): keyword ASR before and after fi
 
 code("""
 pvr["paper_vs_run_table4"]
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 Table 4 (LLaMA-7B aligned with Alpaca): GSM8K accuracy against this run's task accuracy; MMLU and MT-Bench
@@ -227,7 +227,7 @@ the summaries of 02-04 use); "most" means more than 50%.
 
 code("""
 card[["claim", "paper", "run", "control", "verdict"]]
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 `missing`: the notebook that computes it has not been run with these parameters (see the `note` column of
@@ -246,7 +246,7 @@ Every number below is read from the cached results and the scorecard above.
 
 code("""
 print(sfig.summary_text(sections, card))
-""")
+""", tags=["nbval-ignore-output"])
 
 md("""
 A verdict is only as strong as its control: "holds" means the effect is larger than the spread between
