@@ -16,6 +16,9 @@ SEED         ?= 0
 export SSAH_PRESET := $(value PRESET)
 export SSAH_MODEL  := $(value MODEL)
 export SSAH_SEED   := $(value SEED)
+# make itself would export command-line variables (expanding them, `$(shell ...)` included) into every
+# recipe's environment: never export the raw ones.
+unexport PRESET MODEL SEED DEVICE DTYPE
 NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PKG_SRC      := $(wildcard ssah_utils/*.py)
 SHARED_DATA  := $(abspath ../shared/data)
@@ -92,7 +95,8 @@ test-notebooks: $(STAMP) ## Run only the notebook checks: nbval (exact cells) an
 	$(TEST_ENV) SSAH_RUN_OUTPUTS=$(abspath $(TEST_OUT)) $(PY) -m pytest tests/check_run_outputs.py
 
 organism: $(STAMP) ## Rebuild the model organism (world + base/unaligned/aligned) from scratch, seed SEED (~10 min)
-	$(PY) scripts/build_organism.py --seed $(SEED) --out data/organism
+	@$(PY) -m ssah_utils.config check-run > /dev/null || exit 2
+	$(PY) scripts/build_organism.py --seed "$$SSAH_SEED" --out data/organism
 
 figures: $(STAMP) notebooks/05_figures.ipynb $(PKG_SRC) ## Redraw every figure and table from cached results only (05_figures; seconds)
 	$(call run_notebooks,notebooks/05_figures.ipynb)
@@ -102,8 +106,10 @@ bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 
 DEVICE       ?= cuda
 DTYPE        ?= bfloat16
+export SSAH_GPU_DEVICE := $(value DEVICE)
+export SSAH_GPU_DTYPE  := $(value DTYPE)
 gpu-check: $(STAMP) ## Check the real-model path (4 tiny families + the organism) on DEVICE/DTYPE; report in runs/gpu_check
-	$(PY) bench/gpu_check.py --device $(DEVICE) --dtype $(DTYPE) --out runs/gpu_check
+	$(PY) bench/gpu_check.py --device "$$SSAH_GPU_DEVICE" --dtype "$$SSAH_GPU_DTYPE" --out runs/gpu_check
 
 lab: $(STAMP) ## Open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks/

@@ -198,14 +198,15 @@ def _package_imports(tree: ast.AST, module: str) -> set[str]:
     return out
 
 
-def code_version(module: str) -> str:
+def code_version(module: str, pkg_dir: Path | None = None) -> str:
     """A hash of the code that computes a result made in `module` (e.g. 'ssah_utils.stage_budget'): the
     module's source and that of every `ssah_utils` module it imports, transitively, without docstrings
     and comments (`CODE_EXCLUDED` are left out). A module outside the package hashes its own source;
-    one without a source file gives ''."""
-    if module in _CODE_MEMO:
-        return _CODE_MEMO[module]
-    pkg_dir = Path(__file__).resolve().parent
+    one without a source file gives ''. `pkg_dir` reads the package's sources from another folder (tests)."""
+    memo = f"{module}@{pkg_dir or ''}"
+    if memo in _CODE_MEMO:
+        return _CODE_MEMO[memo]
+    pkg_dir = Path(pkg_dir) if pkg_dir is not None else Path(__file__).resolve().parent
     if module.startswith(_PACKAGE + "."):
         todo, seen, h = [module.split(".")[1]], set(), hashlib.sha256()
         while todo:
@@ -224,7 +225,7 @@ def code_version(module: str) -> str:
         mod = sys.modules.get(module)
         path = getattr(mod, "__file__", None)
         version = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).is_file() else ""
-    _CODE_MEMO[module] = version
+    _CODE_MEMO[memo] = version
     return version
 
 
