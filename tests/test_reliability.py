@@ -501,8 +501,12 @@ def test_make_variables_are_data_never_code(tmp_path, target, variable):
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
-def test_figures_for_another_preset_on_an_empty_cache_fails_and_writes_nothing(tmp_path):
-    """Issue 14: `make figures PRESET=llama2-7b-chat` on an empty cache overwrote tables/claims_scorecard.csv."""
-    r = _make("figures", tmp_path, "PRESET=llama2-7b-chat", env={"SSAH_CACHE_DIR": str(tmp_path / "empty-cache")})
+@pytest.mark.parametrize("run", ["PRESET=llama2-7b-chat", "SEED=3"])
+def test_figures_on_an_empty_cache_fails_and_writes_nothing(tmp_path, run):
+    """Issue 14: `make figures PRESET=llama2-7b-chat` on an empty cache overwrote tables/claims_scorecard.csv
+    with 'missing: 23' and exited 0."""
+    before = _committed_digest()
+    r = _make("figures", tmp_path, run, env={"SSAH_CACHE_DIR": str(tmp_path / "empty-cache")})
     assert r.returncode != 0
+    assert _committed_digest() == before
     assert not list((tmp_path / "out").rglob("*.csv")) and not list((tmp_path / "out").rglob("*.png"))
