@@ -51,6 +51,26 @@ def test_the_generators_tag_the_same_cells(nb_name):
     assert tagged == set(P.MACHINE_DEPENDENT_CELLS[nb_name])
 
 
+def _percent_tagged(path: Path) -> set[str]:
+    """First source lines of the cells tagged IGNORE_TAG in a jupytext percent script (`# %% tags=[...]`)."""
+    lines, out = path.read_text().splitlines(), set()
+    for i, line in enumerate(lines):
+        if line.startswith("# %%") and P.IGNORE_TAG in line:
+            body = next((x for x in lines[i + 1:] if x.strip()), "")
+            out.add(body)
+    return out
+
+
+@pytest.mark.parametrize("nb_name", sorted(P.MACHINE_DEPENDENT_CELLS))
+def test_jupytext_sources_tag_the_same_cells(nb_name):
+    """When a notebook has a jupytext percent source beside it, its tags agree with the policy too."""
+    sources = [p for p in (ROOT / "notebooks").glob(f"{nb_name}.py") if p.read_text().startswith("# ---")
+               or "# %%" in p.read_text()]
+    if not sources:
+        pytest.skip(f"no jupytext source for {nb_name}")
+    assert _percent_tagged(sources[0]) == set(P.MACHINE_DEPENDENT_CELLS[nb_name])
+
+
 def test_every_machine_dependent_table_is_committed():
     committed = {p.stem for p in (ROOT / "tables").glob("*.csv")}
     assert set(P.MACHINE_DEPENDENT_TABLES) <= committed
