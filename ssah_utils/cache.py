@@ -442,10 +442,12 @@ def cache_path(stage: str, config: Any, model_revision: str = "", cache_dir: Pat
 
 
 def _load_entry(folder: Path, stage: str) -> dict | None:
-    """The verified parts of the entry in `folder`; None when there is no complete entry (no manifest);
-    `CorruptEntry` when there is one that fails verification."""
+    """The verified parts of the entry in `folder`; None when there is no entry; `CorruptEntry` when the
+    folder exists but fails verification (no manifest: a partial entry; a bad checksum or part)."""
     manifest = folder / _MANIFEST
     if not manifest.is_file():
+        if folder.is_dir():
+            raise CorruptEntry(folder, f"no {_MANIFEST}: a partial entry (its files are never read)")
         return None
     try:
         meta = json.loads(manifest.read_text())
@@ -565,14 +567,16 @@ def cache_metadata(stage: str, config: Any, model_revision: str = "", cache_dir:
 
 def verify(cache_dir: Path | None = None, drop: bool = False) -> list[tuple[Path, str]]:
     """Check every entry under `cache_dir` (default: the project cache); return (path, reason) for each
-    that fails (and, with `drop`, delete it). Folders without a manifest are unfinished writes."""
+    that fails (and, with `drop`, delete it): corrupt or partial entries and left-over temporary folders."""
     root = Path(cache_dir) if cache_dir is not None else _config.CACHE_DIR
     bad = []
     for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+            if entry.name.startswith("."):  # a write in progress (or one killed mid-way): its temporary folder
+                bad.append((entry, "temporary folder of an unfinished write"))
+                continue
             try:
-                if _load_entry(entry, stage_dir.name) is None:
-                    bad.append((entry, "no manifest (an unfinished or interrupted write)"))
+                _load_entry(entry, stage_dir.name)
             except CorruptEntry as err:
                 bad.append((entry, err.reason))
     if drop:

@@ -261,6 +261,7 @@ CACHE_FAULTS = [
     ("truncated JSON part", lambda f, m: (f / "summary.json").write_text('{"asr": 1.')),
     ("missing part file", lambda f, m: (f / "table.parquet").unlink()),
     ("corrupt manifest", lambda f, m: (f / "manifest.json").write_text("{not json")),
+    ("partial entry without its manifest", lambda f, m: (f / "manifest.json").unlink()),
     ("damaged tensor file", lambda f, m: (f / "scores.tensors.safetensors").write_bytes(b"\0" * 16)),
 ]
 
@@ -441,7 +442,9 @@ def _nb(path: Path, *cells: str) -> Path:
 
 
 def _make(target: str, tmp_path: Path, *variables: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "SSAH_OUTPUT_DIR": str(tmp_path / "out"), **(env or {})}
+    e = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SSAH_PRESET",
+                                                         "SSAH_MODEL", "SSAH_SEED")}  # not the caller's make
+    e = {**e, "OMP_NUM_THREADS": "1", "SSAH_OUTPUT_DIR": str(tmp_path / "out"), **(env or {})}
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), target, *variables], env=e,
                           capture_output=True, text=True, timeout=300)
 
