@@ -152,7 +152,9 @@ def check_calib_size(safety_set: str, utility_set: str, n_calib: int, n_seeds: i
     """Refuse an `n_calib` that the calibration sets cannot give (no silent cap): more pairs than a set
     holds, or, with several draws, the whole set (every draw would be the same, so the spread over
     calibration seeds would be 0 by construction). Checked against the sets' sizes before any model is
-    loaded; the safety pool (the aligned model's refusals) is checked again once it is known."""
+    loaded; with several draws the safety pool (the model's own refusals) is checked again once it is
+    known. A single draw of a model that refuses fewer prompts than `n_calib` uses all its refusals
+    (04 relabels aligned runs this way); the calibration summary records how many."""
     for role, name in (("safety", safety_set), ("utility", utility_set)):
         try:
             size = len(datasets.load_set(name))
@@ -268,9 +270,10 @@ def calibration(cfg: ClassifyConfig) -> dict:
         u_recs = datasets.load_set(c.utility_set)
         utility = pd.DataFrame({"id": [r["id"] for r in u_recs], "prompt": [r["prompt"] for r in u_recs],
                                 "response": [r["reference"] for r in u_recs]})
-        _check_pool("safety", f"{c.safety_set}, answers judged refusals" if c.only_refusals else c.safety_set,
-                    len(pool), c.n_calib, len(c.seeds))
-        _check_pool("utility", c.utility_set, len(utility), c.n_calib, len(c.seeds))
+        if len(c.seeds) > 1:  # one draw may take the whole pool (the summary's n_*_per_draw says how many)
+            _check_pool("safety", f"{c.safety_set}, answers judged refusals" if c.only_refusals else c.safety_set,
+                        len(pool), c.n_calib, len(c.seeds))
+            _check_pool("utility", c.utility_set, len(utility), c.n_calib, len(c.seeds))
         for s in c.seeds:
             keep_s = set(random.Random(s).sample(list(pool["id"]), min(c.n_calib, len(pool))))
             keep_u = set(random.Random(s).sample(list(utility["id"]), min(c.n_calib, len(utility))))

@@ -170,11 +170,14 @@ def test_h1_out_of_range_fails_before_calibration_runs(monkeypatch, isolated):
 
 
 def test_calibration_pool_smaller_than_n_calib_is_an_error_not_a_cap(monkeypatch, isolated):
-    """Once the model's refusals are known (134 of 135), n_calib = 134 with 3 draws would repeat one draw."""
+    """Once the model's refusals are known (134 of 135), n_calib = 134 with 3 draws would repeat one draw
+    (issue 14: reported as '± 0.0 over 3 calibration seeds'). One draw may use the whole pool, and says so."""
     cfg = sc.make_config(n_calib=8, n_calib_seeds=3)
-    cfg = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, n_calib=2000))  # past the config check
-    with pytest.raises(ValueError, match=r"n_calib=2000 but the safety calibration pool"):
+    cfg = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, n_calib=134))  # past the config check
+    with pytest.raises(ValueError, match=r"n_calib=134 takes the whole safety calibration pool .* identical"):
         sc.calibration(cfg)
+    one = dataclasses.replace(cfg, calib=dataclasses.replace(cfg.calib, n_calib=2000, seeds=(0,)))
+    assert sc.calibration(one)["summary"]["n_safety_per_draw"] == 134
 
 
 # --------------------------------------------------------------------------------------------------
