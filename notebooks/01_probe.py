@@ -261,7 +261,7 @@ dr["separation"].set_index("point").round(3)
 # %% [markdown]
 # Held-out balanced accuracy of "score > 0.5" per point, and the mean held-out scores of each class.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 dvb = sp.direction_vs_behaviour(dr["requests"])
 plots.save_table(dvb, "probe_direction_vs_behaviour")
 dvb.round(3)
@@ -287,7 +287,7 @@ fig
 # the first tokens and should therefore win. We re-read the direction at every generated token (the state
 # that picks the next token), for plain requests, each framing and prefilling.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 ts = sp.token_summary(dr["tokens"], max_step=10)
 plots.save_table(ts, "probe_direction_per_token")
 ts.round(3)
@@ -296,7 +296,7 @@ ts.round(3)
 # Mean score at generated token 0 … 9, by group and by what the model did (`n` requests each). Token 0 is
 # the state after the prompt (after the prefill for prefilling).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 sep = sp.token_separation(dr["tokens"])
 plots.save_table(sep, "probe_direction_token_auc")
 sep.pivot(index="step", columns="contrast", values="auc").round(3)
@@ -327,7 +327,7 @@ fig
 # in order to help people?". We take every `benign_motive` request of the jailbreak set, pair it with the
 # plain request for the same activity, and count how the aligned organism handles the pairs:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 se = sp.seed_example(cfg)
 se["summary"]
 
@@ -335,11 +335,11 @@ se["summary"]
 # Pairs where the plain request is refused, where the framed one is answered harmfully, and where both
 # happen (the seed example). One pair, the first such one if there is any:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 with pd.option_context("display.max_colwidth", 200):
     display(se["pairs"].round(3))
 
-# %%
+# %% tags=["nbval-ignore-output"]
 se["tokens"].pivot(index="step", columns="request", values="score").head(12).round(3)
 
 # %% [markdown]
@@ -348,7 +348,7 @@ se["tokens"].pivot(index="step", columns="request", values="score").head(12).rou
 # %% [markdown]
 # ## Summary
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print(sp.summary_text(cfg, dist, dist7, acc, dr, se, point))
 
 # %% [markdown]

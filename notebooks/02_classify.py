@@ -140,7 +140,7 @@ _ = plots.save_figure(fig, "fig_classify_scores")
 # Rows `ESU`/`EUU`/`RU`: mean ± sd over the calibration seeds; rows `random≈X`: random masks with exactly X's
 # number of MLP channels and heads (same parameters), mean ± sd over mask seeds. Rates in %.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 t1 = sc.table1(cfg)
 plots.save_table(t1["summary"], "table1_classify")
 sc.table1_display(t1["summary"])
@@ -164,7 +164,7 @@ reported("table1")[["model", "setting", "metric", "value", "unit"]]
 # random controls are repeated with utility-set means, both, and no compensation (zero ablation), on `n_dose`
 # prompts per set.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 bias_runs = sc.bias_sensitivity(cfg)["runs"]
 plots.save_table(sc.bias_table(bias_runs), "table1_classify_bias")
 sc.bias_table(bias_runs)
@@ -177,7 +177,7 @@ sc.bias_table(bias_runs)
 # The ESU found by Wanda (|W|·‖X‖) and SNIP (|W·∂L/∂W| of the response likelihood, the score of Wei et al. 2024)
 # are removed the same way, each beside random masks of its own composition, on `n_eval` prompts per set.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 scorer_runs = sc.scorer_ablation(cfg)["runs"]
 plots.save_table(sc.scorer_table(scorer_runs), "table1_classify_scorers")
 sc.scorer_table(scorer_runs)
@@ -220,7 +220,7 @@ _ = plots.save_figure(fig, "fig_classify_dose")
 # ## Summary
 # Every number below is read from the cached results above.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print(sc.summary_text(cfg))
 
 # %% [markdown]

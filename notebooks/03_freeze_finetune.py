@@ -99,7 +99,7 @@ masks.round(2)
 # fine-tuning fits each set at every learning rate of the grid, and what it does to safety, so you can see how
 # much the conclusions hang on this choice (`fits`: the rule holds for that set; `used`: the lr of the runs).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 lrs = sf.parse_lr_grid(lr_grid)
 sweep = sf.lr_sweep(cfg, lrs) if lrs else None
 cfg = sf.choose_lr(cfg, sweep)  # the lr of every run below: the loss rule's choice, or `lr` as given
@@ -137,7 +137,7 @@ verify.groupby("condition", sort=False)[["frozen_entries_pct", "verify_changed",
 # `jailbreak_asr` harmful compliance under jailbreak framings; `over_refusal` refusals of borderline benign
 # requests; `utility` task accuracy; `final_loss` the training loss over the last 10% of steps.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 summary = sf.summarize(df)
 plots.save_table(summary, "table2_freeze")
 sf.table2_display(summary)
@@ -150,7 +150,7 @@ sf.table2_display(summary)
 # Beside the paper (Llama-2-7B-chat, AdvBench keyword ASR; the organism's refusals are lower-case templates the
 # keyword list may miss, so the oracle columns are shown as well):
 
-# %%
+# %% tags=["nbval-ignore-output"]
 vs = sf.vs_paper(summary)
 plots.save_table(vs, "table2_freeze_vs_paper")
 vs.round(2)
@@ -172,7 +172,7 @@ _ = plots.save_figure(fig, "fig_freeze_asr")
 # Rows: label in the aligned model; columns: label after fine-tuning (percent of each row). The right panel is a
 # noise floor: the aligned model labelled on the two disjoint halves of one calibration draw, with no fine-tuning.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 fig = sf.plot_transfer(cfg) if cfg.relabel else None
 if fig is not None:
     _ = plots.save_figure(fig, "fig5_freeze_label_transfer")
@@ -187,7 +187,7 @@ sf.transfer_summary(cfg).round(1) if cfg.relabel else "relabel = False"
 # ## Summary
 # Every number below is read from the cached runs above.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print(sf.summary_text(cfg, sweep))
 
 # %% [markdown]

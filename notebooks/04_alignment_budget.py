@@ -119,7 +119,7 @@ sb.stages_table(cfg)
 # model has to learn the format as well as the behaviour, and a masked model must do it without its
 # embeddings.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 t4 = sb.table4(cfg)  # trains and evaluates every condition and seed (each run cached)
 plots.save_table(t4["summary"], "table4_budget")
 sb.table4_display(t4["summary"])
@@ -161,14 +161,14 @@ _ = plots.save_figure(fig, "fig_budget_losses")
 # that stage has not learnt the refusals, whatever its task accuracy. What the models actually say to a
 # harmful request and to a task:
 
-# %%
+# %% tags=["nbval-ignore-output"]
 sb.response_examples(cfg, "harmful", n=2)
 
 # %% [markdown]
 # Compare the verdicts with the table: a masked model may answer in the chat format (it learnt the format)
 # and still comply with harmful requests (it did not learn to refuse).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 sb.response_examples(cfg, "utility", n=2)
 
 # %% [markdown]
@@ -177,7 +177,7 @@ sb.response_examples(cfg, "utility", n=2)
 # (base − aligned; negative = alignment *improved* the score). MMLU and MT-Bench have no analogue in the
 # organism's world (NaN). The paper reports no safety metric for this experiment; ours are in Table 4 above.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 vs = sb.table4_vs_paper(t4["summary"])
 plots.save_table(vs, "table4_budget_vs_paper")
 vs
@@ -208,7 +208,7 @@ _ = plots.save_figure(fig, "fig6_budget_label_transfer")
 # they stay redundant or become CU/ESU (units the aligned model needs)? If a model refuses nothing, its
 # safety calibration falls back to the set's reference refusals (which calibration labelled each model):
 
-# %%
+# %% tags=["nbval-ignore-output"]
 pd.DataFrame({"safety_calibration": tr["safety_calibration"]}).join(tr["shares"].T.round(1))
 
 # %% [markdown]
@@ -219,7 +219,7 @@ pd.DataFrame({"safety_calibration": tr["safety_calibration"]}).join(tr["shares"]
 # ## Summary
 # Every number below is read from the cached results above.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print(sb.summary_text(cfg, tr))
 
 # %% [markdown]

@@ -154,7 +154,7 @@ sfig.section_status(sections)
 # (mean, sd, number of replicates and what the sd is over) or a note saying why there is none. Absolute
 # values do not carry over from a 7B chat model to a tiny organism; directions and orderings can.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 card, pvr = sfig.write_paper_tables(sections)
 pvr["paper_vs_run_table1"]
 
@@ -162,14 +162,14 @@ pvr["paper_vs_run_table1"]
 # Table 1 (Llama-2-7B-chat, Llama-3-8B-Instruct, Mistral-7B-Instruct): ASR with the paper's keyword judge,
 # utility and perplexity, beside this run's dense model and ESU/EUU removal (mean ± sd over calibration seeds).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 pvr["paper_vs_run_table2"]
 
 # %% [markdown]
 # Table 2 (fine-tuning attack on Llama-2-7B-chat): keyword ASR before and after fine-tuning, and with ESU
 # (+ CU) frozen, beside the same conditions here (mean ± sd over replicates).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 pvr["paper_vs_run_table4"]
 
 # %% [markdown]
@@ -191,7 +191,7 @@ pd.concat({k: pvr[k] for k in ("paper_vs_run_probe_distance", "paper_vs_run_unit
 # a difference counts when it exceeds twice the larger sd of the two sides, and at least 2 points (the rule
 # the summaries of 02-04 use); "most" means more than 50%.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 card[["claim", "paper", "run", "control", "verdict"]]
 
 # %% [markdown]
@@ -206,7 +206,7 @@ sfig.saved_figure("fig_claims_scorecard")
 # ## Summary
 # Every number below is read from the cached results and the scorecard above.
 
-# %%
+# %% tags=["nbval-ignore-output"]
 print(sfig.summary_text(sections, card))
 
 # %% [markdown]

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,9 +19,13 @@ WORLD_DIR = DATA_DIR / "world"
 ORGANISM_DIR = DATA_DIR / "organism"
 PAPER_DIR = DATA_DIR / "paper"
 CACHE_DIR = Path(os.environ.get("SSAH_CACHE_DIR", DATA_DIR / "cache"))
+# The committed outputs of the default run (preset organism, no model, seed 0). Any other run writes
+# under RUNS_DIR/<run name>/ (`output_dir`); `SSAH_OUTPUT_DIR` chooses the output root for every run.
 FIGURES_DIR = REPO_ROOT / "figures"
 TABLES_DIR = REPO_ROOT / "tables"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = REPO_ROOT / "runs"
+OUTPUT_ENV = "SSAH_OUTPUT_DIR"
 
 # The system prompt of Llama-2-chat, used by the paper's "with system prompt" ASR column.
 LLAMA2_SYSTEM_PROMPT = (
@@ -195,6 +200,161 @@ def get_preset(name: str | None = None, model: str | None = None) -> Preset:
     return preset
 
 
+# --------------------------------------------------------------------------------------------------
+# Runs and where they write
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_RUN = (DEFAULT_PRESET, "", 0)  # (preset, model, seed) of the committed outputs
+_MODEL_SPEC = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$")
+_ACTIVE_RUN: list[tuple[str, str, int]] = [DEFAULT_RUN]  # set by every stage's make_config (`activate_run`)
+
+
+def check_model_spec(model: str) -> str:
+    """`model` if it is '' (the preset's), a Hugging Face id (`org/name`) or an existing local folder;
+    anything else (spaces, quotes, shell or Python syntax) is refused before anything runs."""
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a string (a Hugging Face id or a local path), got {type(model).__name__}")
+    if model == "" or _MODEL_SPEC.match(model) or (Path(model).expanduser().is_dir() and "\n" not in model):
+        return model
+    raise ValueError(f"model {model!r} is neither a Hugging Face id like 'org/name' (letters, digits, '.', '_', '-') "
+                     "nor an existing local folder")
+
+
+def check_seed(seed: Any) -> int:
+    """A seed as an int >= 0; strings of digits (from `make SEED=`) are accepted, anything else refused."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, str)):
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, str):
+        if not seed.strip().isdigit():
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def run_name(preset: str = DEFAULT_PRESET, model: str | None = "", seed: int = 0) -> str:
+    """The folder name of a run under runs/: the preset, then the model and seed when they are not the
+    default ('organism', 'llama2-7b-chat', 'organism-seed1', 'llama2-7b-chat-my-org_my-model')."""
+    preset = preset or DEFAULT_PRESET
+    get_preset(preset, model or None)  # a clear error for an unknown preset
+    model = check_model_spec(model or "")
+    name = preset + (f"-{re.sub(r'[^A-Za-z0-9._-]', '_', model)}" if model else "")
+    return name + (f"-seed{check_seed(seed)}" if check_seed(seed) else "")
+
+
+def is_default_run(preset: str = DEFAULT_PRESET, model: str | None = "", seed: int = 0) -> bool:
+    return (preset or DEFAULT_PRESET, model or "", int(seed)) == DEFAULT_RUN
+
+
+def activate_run(preset: str = DEFAULT_PRESET, model: str | None = "", seed: int = 0) -> None:
+    """Make (preset, model, seed) the run whose figures, tables and notebooks `output_dir` names.
+    Every stage's `make_config` calls it, so a notebook run with another preset, model or seed never
+    writes into the committed figures/ and tables/."""
+    run_name(preset, model, seed)  # validates
+    _ACTIVE_RUN[0] = (preset or DEFAULT_PRESET, model or "", int(seed))
+
+
+def output_root() -> Path | None:
+    """The root that outputs go under: `$SSAH_OUTPUT_DIR` when set, else runs/<run name>/ for a run
+    other than the default, else None (the committed figures/, tables/, notebooks/)."""
+    env = os.environ.get(OUTPUT_ENV, "")
+    if env:
+        return Path(env).expanduser()
+    run = _ACTIVE_RUN[0]
+    return None if is_default_run(*run) else RUNS_DIR / run_name(*run)
+
+
+def output_dir(kind: str) -> Path:
+    """Where this run writes `kind` ('figures', 'tables' or 'notebooks'), see `output_root`."""
+    committed = {"figures": FIGURES_DIR, "tables": TABLES_DIR, "notebooks": NOTEBOOKS_DIR}
+    if kind not in committed:
+        raise ValueError(f"kind must be one of {sorted(committed)}, got {kind!r}")
+    root = output_root()
+    return committed[kind] if root is None else root / kind
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter checks shared by every stage's make_config (a bad value fails before any model is loaded)
+# --------------------------------------------------------------------------------------------------
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int (an integral float such as 3.0 is accepted; bool, str and 2.5 are not), within bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                open_low: bool = False, open_high: bool = False, what: str = "a number") -> float:
+    """`value` as a finite float within [low, high] (`open_low`/`open_high`: the bound itself is excluded)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bad = not math.isfinite(value)
+    bad |= low is not None and (value <= low if open_low else value < low)
+    bad |= high is not None and (value >= high if open_high else value > high)
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if open_low or low is None else '['}{lo}, {hi}{')' if open_high or high is None else ']'}"
+        raise ValueError(f"{name} must be {what} in {interval}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices) -> Any:
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_epochs(value: Any, n_stages: int, *, where: str) -> tuple[float, ...] | None:
+    """The `epochs` parameter of 03 and 04, one format for both: a number or a string of comma-separated
+    numbers; one value applies to every SFT stage, a list gives one value per stage; 0, '' or None keep
+    the recipe's. Anything else (a wrong count, a negative, non-finite or non-numeric value) is an error."""
+    import math
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', got {value!r}")
+    if isinstance(value, (int, float)):
+        vals = (float(value),)
+    elif isinstance(value, str):
+        try:
+            vals = tuple(float(x) for x in value.split(","))
+        except ValueError as err:
+            raise ValueError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', "
+                             f"got {value!r}") from err
+    elif isinstance(value, (tuple, list)):
+        vals = tuple(check_float(f"{where}: epochs", v) for v in value)
+    else:
+        raise TypeError(f"{where}: epochs must be a number or comma-separated numbers like '1' or '2,3', got {value!r}")
+    if vals == (0.0,):
+        return None
+    if any(not math.isfinite(v) or v <= 0 for v in vals):
+        raise ValueError(f"{where}: every epochs value must be a positive number (fractions allowed; 0 or '' = the "
+                         f"recipe's), got {value!r}")
+    if len(vals) == 1:
+        return vals * n_stages
+    if len(vals) != n_stages:
+        raise ValueError(f"{where}: epochs has {len(vals)} values but there are {n_stages} SFT stage(s); give that "
+                         f"many epochs (one per stage) or one value for every stage, got {value!r}")
+    return vals
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) so a rerun on the same machine is identical."""
     import numpy as np
@@ -274,3 +434,80 @@ def print_env_report() -> None:
     for k, v in rep.items():
         print(f"{k:<{width}} : {v}")
     sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line for the Makefile: the make variables arrive here as data (environment), never as code
+# --------------------------------------------------------------------------------------------------
+
+def _run_from_env() -> tuple[str, str, int]:
+    """(preset, model, seed) from `SSAH_PRESET`, `SSAH_MODEL`, `SSAH_SEED` (the Makefile's PRESET, MODEL, SEED)."""
+    preset = os.environ.get("SSAH_PRESET", "") or DEFAULT_PRESET
+    model = os.environ.get("SSAH_MODEL", "")
+    seed = check_seed(os.environ.get("SSAH_SEED", "0") or "0")
+    get_preset(preset, model or None)
+    check_model_spec(model)
+    return preset, model, seed
+
+
+def staging_root(preset: str, model: str, seed: int) -> Path:
+    """Where `make reproduce` / `make figures` write a run: `$SSAH_OUTPUT_DIR`, else runs/<run name>/.
+    Never the repository root or a committed output folder (the default run is published from here)."""
+    env = os.environ.get(OUTPUT_ENV, "")
+    root = Path(env).expanduser() if env else RUNS_DIR / run_name(preset, model, seed)
+    resolved = root.resolve()
+    protected = [REPO_ROOT, FIGURES_DIR, TABLES_DIR, NOTEBOOKS_DIR, DATA_DIR]
+    if any(resolved == p.resolve() or p.resolve().is_relative_to(resolved) or resolved.is_relative_to(p.resolve())
+           for p in protected if p != REPO_ROOT) or resolved == REPO_ROOT.resolve():
+        raise ValueError(f"${OUTPUT_ENV}={env!r} would write over committed files; point it at a new folder "
+                         "(for example runs/mine)")
+    return root
+
+
+def publish(root: Path) -> list[Path]:
+    """Copy a finished default run's figures, tables and notebooks from `root` over the committed ones,
+    each file through a temporary file and an atomic rename (a crash leaves old or new, never half)."""
+    import shutil
+
+    written = []
+    for kind, dest in (("figures", FIGURES_DIR), ("tables", TABLES_DIR), ("notebooks", NOTEBOOKS_DIR)):
+        src = Path(root) / kind
+        if not src.is_dir():
+            continue
+        for f in sorted(src.iterdir()):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            tmp = dest / f".{f.name}.publishing"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dest / f.name)
+            written.append(dest / f.name)
+    return written
+
+
+def _main(argv: list[str]) -> int:
+    usage = "usage: python -m ssah_utils.config check-run | publish <root>"
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        if argv[0] == "check-run":
+            preset, model, seed = _run_from_env()
+            print(f"{run_name(preset, model, seed)}\t{staging_root(preset, model, seed)}\t"
+                  f"{'default' if is_default_run(preset, model, seed) else 'other'}")
+            return 0
+        if argv[0] == "publish" and len(argv) == 2:
+            if not is_default_run(*_run_from_env()):
+                raise ValueError("only the default run (PRESET=organism, no MODEL, SEED=0) is published into "
+                                 "the committed figures/, tables/ and notebooks/")
+            n = len(publish(Path(argv[1])))
+            print(f"[reproduce] published {n} files of {argv[1]} into figures/, tables/ and notebooks/")
+            return 0
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

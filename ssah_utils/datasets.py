@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,63 +43,79 @@ class RealDataset:
     path: str  # relative to a data root
     url: str  # canonical source
     license: str
-    sha256_prefix: str  # first 16 hex digits of the file's SHA-256 ('' when not pinned)
+    sha256: str  # the file's full SHA-256 (64 hex digits), checked on every local read and download
     description: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"dataset {self.name!r}: sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The first 16 hex digits (as in ../shared/data/MANIFEST.md)."""
+        return self.sha256[:16]
 
 
 _GH = "https://raw.githubusercontent.com"
 REAL_DATASETS: dict[str, RealDataset] = {d.name: d for d in [
     RealDataset("advbench", "advbench/harmful_behaviors.csv",
                 f"{_GH}/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv",
-                "MIT", "6cd1a5c63c07610d", "AdvBench harmful behaviours (520; Table 1 uses the first 100)"),
+                "MIT", "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1", "AdvBench harmful behaviours (520; Table 1 uses the first 100)"),
     RealDataset("harmbench", "harmbench/harmbench_behaviors_text_all.csv",
                 f"{_GH}/centerforaisafety/HarmBench/main/data/behavior_datasets/harmbench_behaviors_text_all.csv",
-                "MIT", "2745611872be3b2e", "HarmBench text behaviours (400)"),
+                "MIT", "2745611872be3b2eab141e39bb328b8c1140dc3cd8d0a49da6174260d9ccbfb9", "HarmBench text behaviours (400)"),
     RealDataset("jailbreakbench", "jailbreakbench/jbb_harmful_behaviors.csv",
                 "https://huggingface.co/datasets/JailbreakBench/JBB-Behaviors/resolve/main/data/harmful-behaviors.csv",
-                "MIT", "45e9a8923b28f547", "JailbreakBench JBB-Behaviors, harmful (100)"),
+                "MIT", "45e9a8923b28f547bb372fbaa9af7df8b38c818a80ae50c3bab97704197ff516", "JailbreakBench JBB-Behaviors, harmful (100)"),
     RealDataset("strongreject", "strongreject/strongreject.csv",
                 f"{_GH}/alexandrasouly/strongreject/main/strongreject_dataset/strongreject_dataset.csv",
-                "MIT", "4dd70357e4ff8b5d", "StrongREJECT forbidden prompts (313)"),
+                "MIT", "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381", "StrongREJECT forbidden prompts (313)"),
     RealDataset("xstest", "xstest/xstest_prompts.csv",
                 f"{_GH}/paul-rottger/exaggerated-safety/main/xstest_prompts.csv",
-                "CC BY 4.0", "11783fb294ed0174", "XSTest v2 prompts (250 safe, 200 unsafe)"),
+                "CC BY 4.0", "11783fb294ed017473ee53c207d71f2161c7672c8d0b037501e78387f801cb5a", "XSTest v2 prompts (250 safe, 200 unsafe)"),
     RealDataset("xstest_completions_llama2", "xstest/xstest_v2_completions_llama2orig.csv",
                 f"{_GH}/paul-rottger/exaggerated-safety/main/model_completions/xstest_v2_completions_llama2orig.csv",
-                "CC BY 4.0", "cbc52550e8ba8197", "XSTest completions of Llama-2-70b-chat with human labels"),
+                "CC BY 4.0", "cbc52550e8ba8197a3e3d97a5af078d27bae4766737cd62df80270126a87ffc6", "XSTest completions of Llama-2-70b-chat with human labels"),
     RealDataset("xstest_completions_mistral", "xstest/xstest_v2_completions_mistralinstruct.csv",
                 f"{_GH}/paul-rottger/exaggerated-safety/main/model_completions/xstest_v2_completions_mistralinstruct.csv",
-                "CC BY 4.0", "6a146b65a5b96ec8", "XSTest completions of Mistral-7B-Instruct with human labels"),
+                "CC BY 4.0", "6a146b65a5b96ec8249729bc2db459697175125998d7cbbcc88f7688ecf31dad", "XSTest completions of Mistral-7B-Instruct with human labels"),
     RealDataset("refusal_pairs", "refusal_pairs/llama2_chat_refusals_short.csv",
                 f"{_GH}/boyiwei/alignment-attribution-code/main/data/SFT_aligned_llama2-7b-chat-hf_train_short.csv",
-                "MIT", "84e1d4fb44adbffb", "Harmful prompts with Llama-2-7b-chat refusals: the paper's safety calibration set"),
+                "MIT", "84e1d4fb44adbffb7b2dddd20e967aeaba9702c16b0160920778b8517c284439", "Harmful prompts with Llama-2-7b-chat refusals: the paper's safety calibration set"),
     RealDataset("alpaca", "alpaca/alpaca_5000.json",
                 f"{_GH}/tatsu-lab/stanford_alpaca/5e69c500/data/alpaca_5000.json",
-                "CC BY-NC 4.0", "fc1add24c93c9fbb", "5,000-row Alpaca subset: utility calibration and benign fine-tuning"),
+                "CC BY-NC 4.0", "fc1add24c93c9fbbe585a64a6c9bf6165eb110225f4470efbff382a913558ec0", "5,000-row Alpaca subset: utility calibration and benign fine-tuning"),
     RealDataset("gsm8k", "gsm8k/test.jsonl",
                 f"{_GH}/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
-                "MIT", "3730d312f6e34405", "GSM8K test (1319)"),
+                "MIT", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", "GSM8K test (1319)"),
     RealDataset("mt_bench", "mt_bench/question.jsonl",
                 f"{_GH}/lm-sys/FastChat/main/fastchat/llm_judge/data/mt_bench/question.jsonl",
-                "Apache-2.0", "119565adbab82227", "MT-Bench questions (80)"),
+                "Apache-2.0", "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7", "MT-Bench questions (80)"),
     RealDataset("hh_rlhf_harmless", "hh_rlhf/harmless_base_test.jsonl.gz",
                 f"{_GH}/anthropics/hh-rlhf/master/harmless-base/test.jsonl.gz",
-                "MIT", "ebfaaed21162a4de", "Anthropic HH-RLHF harmless-base test"),
+                "MIT", "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03", "Anthropic HH-RLHF harmless-base test"),
     RealDataset("aoa_identity_shift", "finetune_attacks/aoa_identity_shift_10.json",
                 f"{_GH}/LLM-Tuning-Safety/LLMs-Finetuning-Safety/main/llama2/ft_datasets/aoa_dataset/train.json",
-                "MIT", "bb141f0cec07cc5b", "The 10 identity-shifting fine-tuning examples of Qi et al. 2023"),
+                "MIT", "bb141f0cec07cc5b76e5298c52086fb02498405de3bd9ba13da1edae2605fe6d", "The 10 identity-shifting fine-tuning examples of Qi et al. 2023"),
     RealDataset("wikitext2", "wikitext2/test.txt",
                 f"{_GH}/pytorch/examples/main/word_language_model/data/wikitext-2/test.txt",
-                "CC BY-SA 3.0", "d790b833ef8cf03a",
+                "CC BY-SA 3.0", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
                 "WikiText-2 test (tokenised v1 with <unk>; Merity et al. 2016): the paper's perplexity metric"),
     RealDataset("wikitext2_valid", "wikitext2/valid.txt",
                 f"{_GH}/pytorch/examples/main/word_language_model/data/wikitext-2/valid.txt",
-                "CC BY-SA 3.0", "f0737ed31fc13290", "WikiText-2 validation (tokenised v1 with <unk>)"),
+                "CC BY-SA 3.0", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8", "WikiText-2 validation (tokenised v1 with <unk>)"),
     *[
         RealDataset(f"refusal_direction_{kind}_{split}", f"refusal_direction_splits/{kind}_{split}.json",
                     f"{_GH}/andyrdt/refusal_direction/main/dataset/splits/{kind}_{split}.json",
-                    "Apache-2.0", "", f"Arditi et al. {kind} instructions, {split} split")
-        for kind in ("harmful", "harmless") for split in ("train", "val", "test")
+                    "Apache-2.0", sha, f"Arditi et al. {kind} instructions, {split} split")
+        for (kind, split), sha in {
+            ("harmful", "train"): "8f5c0eac0efd2a7f99084bbe8d0de2c465e31b1997184783c917969d9de9ece1",
+            ("harmful", "val"): "305f1d1e6dfa6c50a32d24a18ef815f42b5441eb83e6d7767d242107162fd9f4",
+            ("harmful", "test"): "5e12ae102c3791dee083a69ab6269a78e033411c629bc3f66f75d2fde196d9ef",
+            ("harmless", "train"): "86623b1f8a25aa35df153fc97a556dbcebb6a7c881538ae43ee479ca17f2e002",
+            ("harmless", "val"): "772010758e7d771ef4c7e5e4acdfd7598dcece1a6f383f20d382f640913a2a4d",
+            ("harmless", "test"): "1b5930ce5e855ada758b3116ce7c4aaea9b9d05f8cdd77b385511d4c84173b19",
+        }.items()
     ],
 ]}
 
@@ -141,12 +158,40 @@ def candidate_roots(explicit: str | Path | None = None) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
-def sha256_prefix(path: Path) -> str:
+class DatasetChecksumError(ValueError):
+    """A local or downloaded dataset file is not the pinned file (truncated, edited or another version)."""
+
+
+def sha256_file(path: Path) -> str:
+    """The full hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def sha256_prefix(path: Path) -> str:
+    return sha256_file(path)[:16]
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, so a file is hashed once
+
+
+def verify_file(ds: RealDataset, path: Path) -> Path:
+    """`path` if its SHA-256 is the pinned one of `ds`, else a `DatasetChecksumError` naming the file,
+    the expected and the found hash (a truncated or edited copy is never read)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    got = _VERIFIED.get(key) or sha256_file(path)
+    if got != ds.sha256:
+        raise DatasetChecksumError(
+            f"dataset {ds.name!r}: {path} has SHA-256 {got}, expected {ds.sha256} (the pinned file of {ds.url}). "
+            f"The file is truncated, edited or another version: replace it with the original (licence {ds.license}), "
+            f"or delete it to download it again."
+        )
+    _VERIFIED[key] = got
+    return path
 
 
 def _download(ds: RealDataset, dest: Path) -> None:
@@ -154,11 +199,11 @@ def _download(ds: RealDataset, dest: Path) -> None:
     tmp = dest.with_suffix(dest.suffix + ".tmp")
     with urllib.request.urlopen(ds.url, timeout=30) as resp, open(tmp, "wb") as f:
         f.write(resp.read())
-    if ds.sha256_prefix and sha256_prefix(tmp) != ds.sha256_prefix:
-        got = sha256_prefix(tmp)
+    got = sha256_file(tmp)
+    if got != ds.sha256:
         tmp.unlink()
         raise DatasetUnavailableError(
-            f"downloaded {ds.url} but its SHA-256 starts {got}, not {ds.sha256_prefix}: the source changed. "
+            f"downloaded {ds.url} but its SHA-256 is {got}, not {ds.sha256}: the source changed. "
             f"Place the expected file at <data root>/{ds.path} yourself."
         )
     os.replace(tmp, dest)
@@ -172,7 +217,7 @@ def dataset_path(name: str, data_root: str | Path | None = None, download: bool 
     roots = candidate_roots(data_root)
     for root in roots:
         if (root / ds.path).is_file():
-            return root / ds.path
+            return verify_file(ds, root / ds.path)
     allowed = (not _offline()) if download is None else download
     if allowed:
         try:

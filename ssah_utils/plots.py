@@ -40,9 +40,10 @@ def _check_name(name: str) -> None:
 
 
 def save_figure(fig: plt.Figure, name: str, outdir: Path | str | None = None) -> list[Path]:
-    """Write `fig` as `<name>.png` and `<name>.pdf`, metadata stripped so reruns are byte-stable."""
+    """Write `fig` as `<name>.png` and `<name>.pdf`, metadata stripped so reruns are byte-stable, into
+    `outdir` or this run's figures folder (`config.output_dir`: figures/ for the default run only)."""
     _check_name(name)
-    out = Path(outdir) if outdir is not None else _config.FIGURES_DIR
+    out = Path(outdir) if outdir is not None else _config.output_dir("figures")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], metadata={"Software": None})
@@ -51,11 +52,12 @@ def save_figure(fig: plt.Figure, name: str, outdir: Path | str | None = None) ->
 
 
 def save_table(df: pd.DataFrame, name: str, outdir: Path | str | None = None, float_format: str = "%.4g") -> list[Path]:
-    """Write `df` as `<name>.csv` and `<name>.tex` (plain LaTeX tabular); a meaningful index is kept."""
+    """Write `df` as `<name>.csv` and `<name>.tex` (plain LaTeX tabular); a meaningful index is kept.
+    Into `outdir` or this run's tables folder (`config.output_dir`: tables/ for the default run only)."""
     _check_name(name)
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"save_table wants a DataFrame, got {type(df).__name__}")
-    out = Path(outdir) if outdir is not None else _config.TABLES_DIR
+    out = Path(outdir) if outdir is not None else _config.output_dir("tables")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.csv", out / f"{name}.tex"]
     # A default 0..n-1 index carries no information: leave it out so the CSV reads back cleanly.

@@ -188,13 +188,30 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     "instruct" = instruction SFT only (the paper's Alpaca-only alignment). `epochs`: per SFT stage,
     "" = the recipe's. `conditions`: comma-separated names from CONDITIONS.
     """
-    p = _config.get_preset(preset, model or None)
+    c = _config
+    p = c.get_preset(preset, model or None)
+    c.check_model_spec(model or "")
+    seed = c.check_seed(seed)
     if isinstance(conditions, str):
-        conditions = tuple(c.strip() for c in conditions.split(",") if c.strip())
-    ep = parse_floats(epochs)
+        conditions = tuple(x.strip() for x in conditions.split(",") if x.strip())
     alignment = alignment or ("instruct+safety" if p.is_organism else "instruct")
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS} ('' = the preset's), got {alignment!r}")
+    n_stages = 2 if (p.is_organism and alignment == "instruct+safety") else 1
+    ep = c.parse_epochs(epochs, n_stages, where=f"04_alignment_budget, alignment {alignment!r}")
+    c.check_float("ru_frac", ru_frac, 0.0, 1.0, open_low=True, open_high=True, what="a share of parameters")
+    c.check_int("n_seeds (training seeds per condition; 3 for error bars)", n_seeds, 1)
+    c.check_float("lr_scale_masked", lr_scale_masked, 0.0, open_low=True)
+    c.check_bool("train_other_masked", train_other_masked)
+    c.check_int("n_calib", n_calib, 1)
+    c.check_choice("wifv_variant", wifv_variant, ("authors", "plain"))
+    c.check_choice("threshold_rule", threshold_rule, ("nearest", "floor"))
+    c.check_int("n_eval", n_eval, 1)
+    c.check_int("batch_size", batch_size, 1)
+    bad = [x for x in conditions if x not in CONDITIONS]
+    if bad or not conditions:
+        raise ValueError(f"conditions must be a non-empty subset of {CONDITIONS}, got {conditions!r}")
+    sc.check_calib_size(p.calib_safety, p.calib_utility, int(n_calib), 1)
     if p.is_organism:
         stages, style = _organism_stages(alignment, ep), "chat"
         ev = BudgetEvalConfig(n_eval=int(n_eval), max_new_tokens=p.max_new_tokens, batch_size=int(batch_size))
@@ -206,8 +223,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                               borderline_set=p.borderline_test, utility_set=p.utility_test, howto_set=None,
                               ppl_set=None, n_eval=int(n_eval), max_new_tokens=p.max_new_tokens,
                               batch_size=int(batch_size))
-    if n_seeds < 1:
-        raise ValueError(f"n_seeds must be >= 1 (3 for error bars), got {n_seeds}")
+    c.activate_run(preset, model or "", seed)
     return BudgetConfig(preset=preset, model=model or "", base=p.base, reference=p.aligned, seed=int(seed),
                         dtype=p.dtype, device=p.device, ru_frac=float(ru_frac), threshold_rule=threshold_rule,
                         wifv_variant=wifv_variant, n_calib=int(n_calib),
@@ -482,7 +498,8 @@ def trained_model(cfg: BudgetConfig, condition: str, seed: int):
 def materialize(cfg: BudgetConfig, condition: str, seed: int) -> Path:
     """The run's model saved with `save_pretrained` under `data/cache/budget_models/<run key>/`, so that
     stage_classify can load and label it like any model (its revision is the hash of these files)."""
-    key = cache.config_key(f"{STAGE}_train", _train_key(cfg, condition, seed), _train_rev(cfg))
+    key = cache.config_key(f"{STAGE}_train", _train_key(cfg, condition, seed), _train_rev(cfg),
+                           cache.code_version(__name__))
     folder = _config.CACHE_DIR / f"{STAGE}_models" / key
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder  # written whole or not at all (rename below); its content is hashed by model_revision

@@ -108,7 +108,29 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     """The stage config from the notebook's parameters and a preset (`config.get_preset`).
     `batch_size` overrides the preset's for generation and scoring (on a CPU larger batches of a small
     model cost less per prompt)."""
-    p = _config.get_preset(preset, model or None)
+    c = _config
+    p = c.get_preset(preset, model or None)
+    c.check_model_spec(model or "")
+    seed = c.check_seed(seed)
+    for name, v in (("h0", h0), ("h1", h1), ("h2", h2)):
+        c.check_float(name, v, 0.0, 1.0, open_low=True, open_high=True)
+    c.check_choice("threshold_rule", threshold_rule, ("nearest", "floor"))
+    c.check_choice("wifv_variant", wifv_variant, ("authors", "plain"))
+    c.check_choice("scorer", scorer, ("wifv", "wanda", "snip"))
+    c.check_choice("safety_responses", safety_responses, ("model", "reference"))
+    c.check_choice("bias_from", bias_from, ("both", "safety", "utility", "none"))
+    c.check_int("n_calib", n_calib, 1)
+    c.check_int("n_calib_seeds", n_calib_seeds, 1)
+    c.check_int("n_random_seeds (random masks of each category's composition: the null; at least one)", n_random_seeds, 1)
+    c.check_int("n_eval", n_eval, 1)
+    c.check_int("n_dose", n_dose, 1)
+    if batch_size is not None:
+        c.check_int("batch_size", batch_size, 1)
+    if not dose_fractions or isinstance(dose_fractions, str):
+        raise ValueError(f"dose_fractions must be a non-empty tuple of shares in (0, 1), got {dose_fractions!r}")
+    for f in dose_fractions:
+        c.check_float("dose_fractions", f, 0.0, 1.0, open_low=True, open_high=True)
+    check_calib_size(p.calib_safety, p.calib_utility, int(n_calib), int(n_calib_seeds))
     bs = int(batch_size or p.batch_size)
     calib = CalibConfig(safety_set=p.calib_safety, utility_set=p.calib_utility, n_calib=int(n_calib),
                         seeds=tuple(seed + i for i in range(int(n_calib_seeds))),
@@ -118,11 +140,37 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                     n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
                     batch_size=bs)
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
+    c.activate_run(preset, model or "", seed)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
                           compare_scorers=others, h=(float(h0), float(h1), float(h2)), threshold_rule=threshold_rule,
                           wifv_variant=wifv_variant, bias_from=bias_from,
                           n_random_seeds=int(n_random_seeds), dose_fractions=tuple(float(f) for f in dose_fractions),
                           n_dose=int(n_dose), calib=calib, eval=ev)
+
+
+def check_calib_size(safety_set: str, utility_set: str, n_calib: int, n_seeds: int) -> None:
+    """Refuse an `n_calib` that the calibration sets cannot give (no silent cap): more pairs than a set
+    holds, or, with several draws, the whole set (every draw would be the same, so the spread over
+    calibration seeds would be 0 by construction). Checked against the sets' sizes before any model is
+    loaded; with several draws the safety pool (the model's own refusals) is checked again once it is
+    known. A single draw of a model that refuses fewer prompts than `n_calib` uses all its refusals
+    (04 relabels aligned runs this way); the calibration summary records how many."""
+    for role, name in (("safety", safety_set), ("utility", utility_set)):
+        try:
+            size = len(datasets.load_set(name))
+        except (datasets.DatasetUnavailableError, FileNotFoundError):
+            continue  # not on this machine: the pool check after generation still applies
+        _check_pool(role, name, size, n_calib, n_seeds)
+
+
+def _check_pool(role: str, name: str, size: int, n_calib: int, n_seeds: int) -> None:
+    if n_calib > size:
+        raise ValueError(f"n_calib={n_calib} but the {role} calibration pool ({name}) has only {size} usable pairs; "
+                         f"use n_calib <= {size} (paper: 128)")
+    if n_seeds > 1 and n_calib == size:
+        raise ValueError(f"n_calib={n_calib} takes the whole {role} calibration pool ({name}, {size} pairs), so all "
+                         f"{n_seeds} calibration draws would be identical and their spread 0 by construction; use "
+                         f"n_calib < {size} or n_calib_seeds=1")
 
 
 def config_from_params(params: dict) -> ClassifyConfig:
@@ -222,6 +270,10 @@ def calibration(cfg: ClassifyConfig) -> dict:
         u_recs = datasets.load_set(c.utility_set)
         utility = pd.DataFrame({"id": [r["id"] for r in u_recs], "prompt": [r["prompt"] for r in u_recs],
                                 "response": [r["reference"] for r in u_recs]})
+        if len(c.seeds) > 1:  # one draw may take the whole pool (the summary's n_*_per_draw says how many)
+            _check_pool("safety", f"{c.safety_set}, answers judged refusals" if c.only_refusals else c.safety_set,
+                        len(pool), c.n_calib, len(c.seeds))
+            _check_pool("utility", c.utility_set, len(utility), c.n_calib, len(c.seeds))
         for s in c.seeds:
             keep_s = set(random.Random(s).sample(list(pool["id"]), min(c.n_calib, len(pool))))
             keep_u = set(random.Random(s).sample(list(utility["id"]), min(c.n_calib, len(utility))))

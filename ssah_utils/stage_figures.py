@@ -6,7 +6,9 @@ Nothing is computed here: each section rebuilds the exact config its notebook us
 the stage's own functions inside `cache.read_only()` (so they return cached results or raise
 `cache.CacheMiss`) and redraws every figure and table the notebook saves, with the same code and names,
 so the files are byte for byte those of the notebook. A section whose results are not cached reports
-the `CacheMiss` (which notebook to run) instead of failing, so 05 works after any subset of 01-04.
+the `CacheMiss` (which notebook to run); the notebook's `make_config` first checks every section
+without writing and stops with `MissingResults` (naming the notebooks to run) when one is missing, so a
+05 run never writes a half scorecard.
 
 The scorecard states each claim of the paper, the paper's number (`paper.reported`), this run's
 (mean ± sd over the stage's seeds) and a verdict from one stated rule (`judge`), never typed by hand.
@@ -129,17 +131,56 @@ class FiguresConfig:
         return {k: getattr(self, k) for k in OVERRIDES}
 
 
-def make_config(preset: str = "organism", model: str = "", seed: int = 0, notebooks_dir: str = "") -> FiguresConfig:
-    """The 05 config from its parameters; checks the preset (`config.get_preset`) and the folder."""
+class MissingResults(RuntimeError):
+    """05_figures was asked to redraw a run whose notebooks have not all been run: nothing is written."""
+
+    def __init__(self, misses: dict[str, str]):
+        self.misses = misses
+        notebooks = ", ".join(f"notebooks/{NOTEBOOKS[k]}.ipynb" for k in misses)
+        detail = "\n".join(f"  - {NOTEBOOKS[k]}: {msg}" for k, msg in misses.items())
+        super().__init__(
+            f"05_figures redraws every figure and table from cached results only, and these notebooks' results are "
+            f"not all cached for this preset, model and seed: {notebooks}. Run them first (`make reproduce` runs "
+            f"every notebook), then rerun 05. Nothing was written.\n{detail}")
+
+
+_DRY: list[bool] = [False]  # while True, sections read and draw but write no file (`missing_sections`)
+
+
+def missing_sections(cfg: "FiguresConfig") -> dict[str, str]:
+    """Section -> why it cannot be redrawn (its CacheMiss or config error), for every section that cannot;
+    checked by running each section read-only without writing anything."""
+    _DRY[0] = True
+    try:
+        secs = run_all(cfg)
+    finally:
+        _DRY[0] = False
+    return {k: s.message for k, s in secs.items() if not s.ok}
+
+
+def make_config(preset: str = "organism", model: str = "", seed: int = 0, notebooks_dir: str = "", *,
+                require_all: bool = True) -> FiguresConfig:
+    """The 05 config from its parameters; checks the preset (`config.get_preset`), the model, the seed and
+    the folder, and (`require_all`, the notebook's case) that every notebook's results are cached: if one
+    is not, `MissingResults` names the notebooks to run and nothing is written."""
     _config.get_preset(preset, model or None)
-    if not isinstance(seed, int) or seed < 0:
+    _config.check_model_spec(model or "")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(notebooks_dir, str):
+        raise TypeError(f"notebooks_dir must be a string ('' = notebooks/), got {notebooks_dir!r}")
     folder = notebook_folder(notebooks_dir)
     missing = [nb for nb in NOTEBOOKS.values() if not (folder / f"{nb}.ipynb").is_file()]
     if len(missing) == len(NOTEBOOKS):
         raise ValueError(f"no notebook of {sorted(NOTEBOOKS.values())} in {folder}; set notebooks_dir to the folder "
                          "of notebooks 01-04 (or of an executed run, e.g. runs/<preset>/)")
-    return FiguresConfig(preset=preset, model=model or "", seed=int(seed), notebooks_dir=str(notebooks_dir or ""))
+    cfg = FiguresConfig(preset=preset, model=model or "", seed=int(seed), notebooks_dir=str(notebooks_dir or ""))
+    _config.activate_run(preset, model or "", int(seed))
+    if require_all:
+        misses = missing_sections(cfg)
+        if misses:
+            raise MissingResults(misses)
+    return cfg
 
 
 def params_table(cfg: FiguresConfig) -> pd.DataFrame:
@@ -194,13 +235,15 @@ class Section:
 
 
 def _fig(sec: Section, fig, name: str) -> None:
-    plots.save_figure(fig, name)
+    if not _DRY[0]:
+        plots.save_figure(fig, name)
     plt.close(fig)
     sec.written.append(("figure", name))
 
 
 def _tab(sec: Section, df: pd.DataFrame, name: str) -> None:
-    plots.save_table(df, name)
+    if not _DRY[0]:
+        plots.save_table(df, name)
     sec.written.append(("table", name))
 
 
@@ -345,7 +388,7 @@ def saved_figure(name: str):
     """The saved PNG `figures/<name>.png`, for display in a notebook."""
     from IPython.display import Image
 
-    path = _config.FIGURES_DIR / f"{name}.png"
+    path = _config.output_dir("figures") / f"{name}.png"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: nothing has saved figure {name!r} yet")
     return Image(filename=str(path))

@@ -129,15 +129,39 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     `ORGANISM_FIT_RATIO` for the organism, 0 = keep Qi et al.'s lr for real models) lets `choose_lr` pick the
     lr from the sweep. Labels come from 02_classify's
     default config for the same preset, model and seed, so its cached labels are reused."""
-    p = _config.get_preset(preset, model or None)
+    c = _config
+    p = c.get_preset(preset, model or None)
+    c.check_model_spec(model or "")
+    seed = c.check_seed(seed)
     base = ORGANISM_TRAIN if p.is_organism else REAL_TRAIN
+    c.check_int("n_seeds (replicates per condition; 3 or more for error bars)", n_seeds, 1)
+    if lr is not None:
+        c.check_float("lr", lr, 0.0, open_low=True)
+    ep = c.parse_epochs(epochs, 1, where="03_freeze_finetune fine-tunes in one stage")
+    epochs = ep[0] if ep else None
+    if batch_size is not None:
+        c.check_int("batch_size", batch_size, 1)
+    if weight_decay is not None:
+        c.check_float("weight_decay", weight_decay, 0.0)
+    c.check_int("n_train (0 = the whole set)", n_train, 0)
+    c.check_float("epochs_mult_frozen", epochs_mult_frozen, 0.0, open_low=True)
+    c.check_float("top_cu_frac", top_cu_frac, 0.0, 1.0)
+    c.check_choice("cu_rank_by", cu_rank_by, CU_RANKINGS)
+    c.check_int("n_eval", n_eval, 1)
+    if eval_batch_size is not None:
+        c.check_int("eval_batch_size", eval_batch_size, 1)
+    c.check_bool("relabel", relabel)
+    if fit_ratio is not None:
+        c.check_float("fit_ratio (-1 = the preset's)", fit_ratio, 0.0, 1.0, open_high=True)
+    if isinstance(conditions, str) or not conditions or [x for x in conditions if x not in CONDITIONS]:
+        bad = [x for x in conditions if x not in CONDITIONS] if not isinstance(conditions, str) else [conditions]
+        raise ValueError(f"unknown conditions {bad}: conditions must be a non-empty list of {CONDITIONS}, got {conditions!r}")
     over = {k: v for k, v in (("lr", lr), ("epochs", epochs), ("batch_size", batch_size),
                               ("weight_decay", weight_decay)) if v is not None}
     train = dataclasses.replace(base, **over)
-    if int(n_seeds) < 1:
-        raise ValueError(f"n_seeds must be >= 1 (3 or more for error bars), got {n_seeds}")
     ccfg = classify_config(preset, model, seed)
     ev = dataclasses.replace(ccfg.eval, n_eval=int(n_eval), batch_size=int(eval_batch_size or ccfg.eval.batch_size))
+    c.activate_run(preset, model or "", seed)
     return FreezeConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device,
                         datasets=tuple(datasets_ or p.finetune_sets), conditions=tuple(conditions),
                         seeds=tuple(range(int(n_seeds))), n_train=int(n_train), train=train,
@@ -161,6 +185,14 @@ def config_from_params(params: dict) -> FreezeConfig:
     if unknown:
         raise ValueError(f"unknown 03_freeze_finetune parameters {sorted(unknown)}; valid: "
                          f"{sorted(accepted | set(NOTEBOOK_ONLY_PARAMS))}")
+    if "lr_grid" in params:
+        if not isinstance(params["lr_grid"], str):
+            raise TypeError(f"lr_grid must be a string of comma-separated learning rates like '3e-5,1e-4', "
+                            f"got {params['lr_grid']!r}")
+        for x in parse_lr_grid(params["lr_grid"]):
+            _config.check_float("lr_grid (learning rates)", x, 0.0, open_low=True)
+    if "finetune_sets" in params and not isinstance(params["finetune_sets"], str):
+        raise TypeError(f"finetune_sets must be a comma-separated string ('' = the preset's), got {params['finetune_sets']!r}")
     kw = {k: v for k, v in params.items() if k not in NOTEBOOK_ONLY_PARAMS}
     kw["model"] = kw.get("model") or None
     if "finetune_sets" in kw:

@@ -119,11 +119,32 @@ def make_config(
     max_new_tokens: int = 32,
 ) -> ProbeStageConfig:
     """The stage config from the notebook's parameters and a preset (`config.get_preset`)."""
-    p = _config.get_preset(preset, model or None)
+    c = _config
+    p = c.get_preset(preset, model or None)
+    c.check_model_spec(model or "")
+    seed = c.check_seed(seed)
     if isinstance(lengths, str):
-        lengths = tuple(int(x) for x in lengths.split(",") if x.strip())
+        try:
+            lengths = tuple(int(x) for x in lengths.split(",") if x.strip())
+        except ValueError as err:
+            raise ValueError(f"lengths must be comma-separated token counts like '2,4,6,8,10', got {lengths!r}") from err
+    if not lengths:
+        raise ValueError("lengths needs at least one continuation length (tokens), e.g. '2,4,6,8,10'")
+    for k in lengths:
+        c.check_int("lengths (continuation tokens)", k, 1)
     if position not in ("last", "mean"):
         raise ValueError(f"position must be 'last' or 'mean', got {position!r}")
+    c.check_bool("use_system_prompt", use_system_prompt)
+    c.check_int("n_prompts", n_prompts, 1)
+    c.check_int("n_per_class", n_per_class, 2)
+    c.check_float("test_frac", test_frac, 0.0, 1.0, open_low=True, open_high=True)
+    c.check_int("direction_layer (-1 = best held-out separation)", direction_layer, -1)
+    c.check_int("n_per_group", n_per_group, 1)
+    c.check_int("max_new_tokens", max_new_tokens, 1)
+    for name, v in (("refusal_continuation", refusal_continuation), ("compliance_continuation", compliance_continuation),
+                    ("appendix_set", appendix_set)):
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be a string ('' = the default), got {v!r}")
     if p.is_organism:
         sets = Sets(harmful=p.harmful_test, borderline=p.borderline_test, jailbreak=p.jailbreak_test)
     else:  # real models: AdvBench, HarmBench for the appendix (HEx-PHI is gated), Alpaca as benign
@@ -134,6 +155,7 @@ def make_config(
     models = tuple((r, getattr(p, r)) for r in ROLES if getattr(p, r))
     if not refusal_continuation and not p.is_organism:
         refusal_continuation = p.refusal_continuation  # real models: the paper's example unless given
+    c.activate_run(preset, model or "", seed)
     return ProbeStageConfig(
         preset=p.name, models=models, seed=int(seed), dtype=p.dtype, device=p.device,
         system_prompt=p.system_prompt if use_system_prompt else "", sets=sets,
@@ -153,6 +175,8 @@ NOTEBOOK_ONLY_PARAMS = ("layer",)  # the residual point shown in Fig 2
 def config_from_params(params: dict) -> ProbeStageConfig:
     """The config that 01_probe builds from its parameters (its `parameters` cell, papermill's `-p`, or
     05_figures' `notebook_params`): the one mapping from notebook parameters to the stage config."""
+    if "layer" in params:
+        _config.check_int("layer (residual point of Fig 2; -1 = the last block)", params["layer"])
     kw = {k: v for k, v in params.items() if k not in NOTEBOOK_ONLY_PARAMS}
     valid = set(inspect.signature(make_config).parameters)
     if set(kw) - valid:

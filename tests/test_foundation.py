@@ -77,13 +77,18 @@ def test_cache_hits_only_on_identical_config(tmp_path):
     assert json.loads((entry / "config.json").read_text()) == {"seed": 0, "n": 4, "names": ["a", "b"]}
 
 
-def test_cache_write_is_atomic_on_interruption(tmp_path):
-    class Boom:
-        def __reduce__(self):
-            raise KeyboardInterrupt("interrupted while writing")
+def test_cache_write_is_atomic_on_interruption(tmp_path, monkeypatch):
+    write = cache._write_part
 
+    def interrupted(folder, stage, name, value):
+        if name == "b":
+            raise KeyboardInterrupt("interrupted while writing")
+        return write(folder, stage, name, value)
+
+    monkeypatch.setattr(cache, "_write_part", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cache.cached("s", Cfg(), lambda: {"a": pd.DataFrame({"x": [1]}), "b": Boom()}, cache_dir=tmp_path, verbose=False)
+        cache.cached("s", Cfg(), lambda: {"a": pd.DataFrame({"x": [1]}), "b": 2}, cache_dir=tmp_path, verbose=False)
+    monkeypatch.setattr(cache, "_write_part", write)
     assert cache.load_cached("s", Cfg(), cache_dir=tmp_path) is None
     assert list((tmp_path / "s").iterdir()) == []  # no half-written entry or temp folder left
     out = cache.cached("s", Cfg(), lambda: {"a": 1}, cache_dir=tmp_path, verbose=False)
@@ -156,6 +161,7 @@ def test_data_root_resolution_order(tmp_path, monkeypatch):
         (root / "gsm8k").mkdir(parents=True)
         (root / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": root.name, "answer": "#### 1"}) + "\n")
     monkeypatch.setenv(datasets.ENV_VAR, str(env))
+    monkeypatch.setattr(datasets, "verify_file", lambda ds, path: path)  # made-up files: the SHA pin is tested in test_reliability
     assert datasets.dataset_path("gsm8k", data_root=explicit, download=False) == explicit / "gsm8k/test.jsonl"
     assert datasets.dataset_path("gsm8k", download=False) == env / "gsm8k/test.jsonl"
     assert datasets.load_real("gsm8k", download=False)["question"].tolist() == ["env"]

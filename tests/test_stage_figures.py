@@ -321,14 +321,14 @@ def test_run_section_reports_the_miss_and_writes_nothing(tmp_path, monkeypatch):
     for attr in ("CACHE_DIR", "FIGURES_DIR", "TABLES_DIR"):
         monkeypatch.setattr(config, attr, tmp_path / attr)
     monkeypatch.setattr(sc, "_evaluation", lambda: (_ for _ in ()).throw(AssertionError("computed")))
-    sec = sfig.run_section("classify", sfig.make_config())
+    sec = sfig.run_section("classify", sfig.make_config(require_all=False))
     assert not sec.ok and sec.written == [] and sec.results == {}
     assert "notebooks/02_classify.ipynb" in sec.message and "02_classify: not shown" in repr(sec)
     assert isinstance(sec.cfg, sc.ClassifyConfig) and sec.cfg == sc.config_from_params(sfig.notebook_params("02_classify"))
     assert not any(tmp_path.rglob("*.*"))
     assert sfig.show_figure(sec, "fig_classify_dose").data.startswith("fig_classify_dose: not drawn. No cached result")
     with pytest.raises(ValueError, match="unknown section 'figures'; choose from probe, classify"):
-        sfig.run_section("figures", sfig.make_config())
+        sfig.run_section("figures", sfig.make_config(require_all=False))
 
 
 def test_make_config_checks_its_parameters(tmp_path):
@@ -338,7 +338,7 @@ def test_make_config_checks_its_parameters(tmp_path):
         sfig.make_config(notebooks_dir=str(tmp_path))
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         sfig.make_config(seed=-1)
-    cfg = sfig.make_config("organism", "", 3)
+    cfg = sfig.make_config("organism", "", 3, require_all=False)
     assert cfg.overrides() == {"preset": "organism", "model": "", "seed": 3}
     tab = sfig.params_table(cfg)
     assert tab.loc[("02_classify", "seed"), "from"] == "05 parameter" and tab.loc[("02_classify", "seed"), "value"] == "3"
