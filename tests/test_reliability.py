@@ -433,12 +433,10 @@ def test_figures_with_missing_stages_names_the_notebooks_and_writes_nothing(tmp_
 # --------------------------------------------------------------------------------------------------
 
 def _nb(path: Path, *cells: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('preset = "organism"\nmodel = ""\nseed = 0')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
+    """A notebook source in jupytext percent format (what `make reproduce` executes): a parameters cell,
+    then `cells`."""
+    text = '# %% tags=["parameters"]\npreset = "organism"\nmodel = ""\nseed = 0\n'
+    path.write_text(text + "".join(f"\n# %%\n{c}\n" for c in cells))
     return path
 
 
@@ -468,10 +466,10 @@ def test_reproduce_stops_at_a_failed_notebook_and_keeps_every_committed_file(tmp
     """The default run (whose notebooks the Makefile would publish): the second of three notebooks fails."""
     src = tmp_path / "src"
     src.mkdir()
-    nbs = [_nb(src / "01_ok.ipynb", "print('first')"), _nb(src / "02_bad.ipynb", "print('two')", cell),
-           _nb(src / "03_never.ipynb", "open('never-ran', 'w')")]
+    nbs = [_nb(src / "01_ok.py", "print('first')"), _nb(src / "02_bad.py", "print('two')", cell),
+           _nb(src / "03_never.py", "open('never-ran', 'w')")]
     before = _digest(nbs)
-    r = _make("reproduce", tmp_path, f"NOTEBOOKS={' '.join(map(str, nbs))}",
+    r = _make("reproduce", tmp_path, f"NB_SOURCES={' '.join(map(str, nbs))}",
               env={"SSAH_CACHE_DIR": "/dev/null/cache"})
     assert r.returncode != 0, r.stdout[-2000:]
     assert "FAILED: 02_bad.ipynb" in r.stderr and "Nothing committed was changed" in r.stderr
@@ -498,8 +496,8 @@ def test_make_variables_are_data_never_code(tmp_path, target, variable):
     variable = variable.replace("PWNED", str(marker))
     src = tmp_path / "src"
     src.mkdir()
-    nb = _nb(src / "01_ok.ipynb", "print('ran')")
-    r = _make(target, tmp_path, variable, f"NOTEBOOKS={nb}")
+    nb = _nb(src / "01_ok.py", "print('ran')")
+    r = _make(target, tmp_path, variable, f"NB_SOURCES={nb}")
     assert not marker.exists(), f"{variable} ran code"
     assert r.returncode != 0 and "error:" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "out").exists()  # refused before anything ran
