@@ -44,6 +44,7 @@ help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
 	@echo
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+	@printf "  make %-16s %s\n" "nb-NN" "Run one notebook (nb-01 ... nb-05) from its source notebooks/NN_*.py, as reproduce does"
 	@echo
 	@echo "Variables: PRESET=<$(shell $(PYTHON) -c "import re;print('|'.join(re.findall(r'name=\"([^\"]+)\"',open('ssah_utils/config.py').read())))" 2>/dev/null)> MODEL=<hf id> SEED=<int>"
 	@echo "Outputs: the default run (PRESET=organism, no MODEL, SEED=0) updates the committed figures/, tables/,"
