@@ -70,6 +70,48 @@ def _xstest_by_distance(models: dict, builds: dict) -> list[str]:
     return out
 
 
+def _learned_rate(name: str, part: str):
+    """Refusal rate of the learned judge on a saved response CSV re-judged by `python -m ssah_utils.judges`
+    (`<model>/<part>_learned_judge.csv`), or None when it was not re-judged."""
+    import csv
+    f = RESULTS / name / f"{part}_learned_judge.csv"
+    if not f.is_file():
+        return None
+    rows = list(csv.DictReader(f.open(encoding="utf-8")))
+    return sum(int(r["refusal"]) for r in rows) / len(rows) if rows else None
+
+
+def _over_seeds(models: dict) -> list[str]:
+    """Mean and sample sd over the aligned seeds of each measured quantity (only with 2+ seeds)."""
+    import statistics
+    aligned = [n for n, m in models.items() if n != "instruct" and m]
+    if len(aligned) < 2:
+        return []
+    rows = [("held-out harmful refused, keyword judge", lambda n, m: _get(m, "harmful", "refusal_project_judge"), True),
+            ("held-out harmful refused, learned judge", lambda n, m: _learned_rate(n, "harmful"), True),
+            ("XSTest safe refused, keyword judge", lambda n, m: _get(m, "xstest", "refusal_project_judge"), True),
+            ("XSTest safe refused, learned judge", lambda n, m: _learned_rate(n, "xstest"), True),
+            ("WikiText-2 perplexity", lambda n, m: _get(m, "wikitext", "perplexity"), False),
+            ("Alpaca response NLL", lambda n, m: _get(m, "alpaca_nll", "nll"), False)]
+    inst = models.get("instruct")
+    out = ["", f"## Over the aligned seeds ({', '.join(aligned)})", "",
+           "Mean ± sample sd over the seeds (the seed changes the data order and the refusal draws); the "
+           "learned-judge rates are read from the `*_learned_judge.csv` files (`python -m ssah_utils.judges`).", "",
+           "| quantity | instruct | aligned, mean ± sd | per seed | seeds |", "|---|---|---|---|---|"]
+    for label, get, pct in rows:
+        vals = [get(n, models[n]) for n in aligned]
+        vals = [v for v in vals if v is not None]
+        if len(vals) < 2:
+            continue
+        mu, sd = statistics.mean(vals), statistics.stdev(vals)
+        i = get("instruct", inst) if inst else None
+        f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+        fsd = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.3f}")
+        out.append(f"| {label} | {'—' if i is None else f(i)} | {f(mu)} ± {fsd(sd)} | "
+                   f"{' / '.join(f(v) for v in vals)} | {len(vals)} |")
+    return out
+
+
 def main() -> int:
     builds = {int(p.stem.removeprefix("build_seed")): _load(p) for p in sorted(RESULTS.glob("build_seed*.json"))}
     models = {"instruct": _load(RESULTS / "instruct" / "metrics.json")}
@@ -137,7 +179,7 @@ def main() -> int:
               f"the final number on the first {st['gsm8k_n']} test questions (zero-shot, {st['gsm8k_max_new_tokens']} "
               "tokens). At 135M parameters GSM8K accuracy is near 0 and says little; perplexity and NLL carry the "
               "utility side.", ""]
-    L += ["Brackets: 95% Wilson interval of the rate (sampling of prompts only; one seed).", "",
+    L += ["Brackets: 95% Wilson interval of the rate (sampling of prompts only, within one build; the spread over seeds is below).", "",
           "| model | harmful refused (project judge) | harmful refused (Wei list) | XSTest safe refused (project) | "
           "XSTest safe refused (Wei) | WikiText-2 ppl | Alpaca NLL | GSM8K acc | file |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
@@ -155,6 +197,7 @@ def main() -> int:
                  f"{'—' if nll is None else f'{nll:.3f}'} | "
                  f"{'—' if g is None else f'{_pct(g)} (n={gn})'} | `{name}/metrics.json` |")
     L += _xstest_by_distance(models, builds)
+    L += _over_seeds(models)
     inst = models.get("instruct")
     L += ["", "## Floors of issue 17 and the alignment tax", ""]
     for name, m in models.items():
@@ -182,13 +225,15 @@ def main() -> int:
           ".venv/bin/python scripts/smollm2_card.py   # this card", "```", "",
           "Seconds per measured part are in each `metrics.json` (`parts.<part>.seconds`), logs in `measure_<model>.log`.", ""]
     L += ["", "## Limits", "",
-          "- The refusal numbers come from keyword judges, not humans or a learned judge; the CSVs allow re-judging.",
-          "- Three seeds are asked for by the issue; the builds table lists the seeds that were built. With one "
-          "seed, the seed-to-seed spread (which the organism experiments found large) is unknown.",
+          "- The refusal numbers come from judges, not people: the keyword judge in the tables, the learned judge "
+          "(trained on other models' XSTest completions) in the seed summary; both can be wrong on this model's "
+          "terse refusals.",
+          "- The seed-to-seed spread is the build's main uncertainty (see the seed summary); a single build's "
+          "refusal rate is one draw of it.",
           "- After the disjointness check only 120 distinct harmful training requests remain (the refusal_direction "
           "train split is mostly AdvBench/HarmBench text), each seen twice.",
-          "- `make smollm2`'s wall time above was measured with other engineers' jobs on the same 2 cores "
-          "(load average about 5); the issue's budget is 30 minutes on 2 free cores.",
+          "- `make smollm2`'s wall times above were measured with other jobs on the same 2 cores (seed 0: load "
+          "average about 5; seeds 1-2: one other job); the issue's budget is 30 minutes on 2 free cores.",
           "- The alignment tunes on Alpaca answers, so the held-out Alpaca NLL can fall (in-distribution), which is "
           "why WikiText-2 perplexity is reported beside it.", ""]
     (RESULTS / "model_card.md").write_text("\n".join(L), encoding="utf-8")
