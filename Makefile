@@ -95,7 +95,9 @@ reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organi
 # of that run (the tables of cells masked in nbval, tests/nbval_policy.py) with the committed tables
 # within the stated tolerances.
 TEST_OUT     := runs/test-outputs
-test: $(STAMP) ## Run the unit tests (pytest) and the notebook regression checks (nbval + tolerance check)
+test: $(STAMP) ## Lint, the notebook-source check, the unit tests (pytest) and the notebook checks (nbval + tolerance check)
+	$(VENV)/bin/ruff check .
+	$(PY) scripts/notebooks.py check
 	$(TEST_ENV) $(PY) -m pytest tests
 	$(MAKE) --no-print-directory test-notebooks
 
