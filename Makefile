@@ -35,6 +35,8 @@ SHARED_DATA  := $(abspath ../shared/data)
 # also much faster (measured: 3 s vs 160 s for one evaluation). Override with THREADS=<n>.
 THREADS      ?= 1
 TEST_ENV     := OMP_NUM_THREADS=$(THREADS) SSAH_OFFLINE=1 HF_HUB_OFFLINE=1 $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA))
+# Notebook runs read the shared datasets too (real presets), unless SSAH_DATA_ROOT says otherwise.
+RUN_ENV      := $(if $(SSAH_DATA_ROOT),,$(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA)))
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
@@ -67,28 +69,37 @@ env: $(STAMP) ## Create/refresh the local virtual environment from pyproject.tom
 # temporary file that is renamed into place only when papermill succeeded; the first failure stops the
 # run with a non-zero exit. Only a default run that finished every notebook is then published over
 # the committed figures/, tables/ and notebooks/ (file by file, atomically).
+# $(call run_notebooks,SOURCES,WIPE): execute each source with papermill into the run's folder (the
+# preset's CPU-sized defaults, notebooks/params/<preset>.yaml, with -f; then preset, model and seed with
+# -p). WIPE=all (make reproduce) empties the run's figures, tables and notebooks first; make nb-NN keeps
+# the other notebooks' outputs. A finished default run is published over the committed files, a real
+# tier's default run (PRESET=smollm2-135m) into results/<preset>/, once every notebook has finished.
 define run_notebooks
 	@set -o pipefail; \
 	info=$$($(PY) -m ssah_utils.config check-run) || exit 2; \
 	run=$$(cut -f1 <<<"$$info"); root=$$(cut -f2 <<<"$$info"); kind=$$(cut -f3 <<<"$$info"); \
-	rm -rf "$$root/figures" "$$root/tables" "$$root/notebooks"; mkdir -p "$$root/notebooks"; \
+	if [ "$2" = all ]; then rm -rf "$$root/figures" "$$root/tables" "$$root/notebooks"; fi; mkdir -p "$$root/notebooks"; \
 	for src in $1; do \
 	  name=$$(basename "$$src" .py).ipynb; input="$$root/notebooks/.$$name.input"; tmp="$$root/notebooks/.$$name.partial"; \
+	  params="$$root/notebooks/.$$name.params.yaml"; \
 	  echo "[$@] $$name (run $$run, outputs in $$root)"; \
 	  $(PY) scripts/notebooks.py to-ipynb "$$src" "$$input" || exit 1; \
-	  if ! SSAH_OUTPUT_DIR="$$root" $(PAPERMILL) "$$input" "$$tmp" -p preset "$$SSAH_PRESET" -p model "$$SSAH_MODEL" \
-	       -p seed "$$SSAH_SEED" 2>&1 | { grep --line-buffered -v -E "^(Executing|Ending Cell)" || true; }; then \
+	  $(PY) -m ssah_utils.nbparams yaml "$$SSAH_PRESET" "$$src" > "$$params" || exit 1; \
+	  start=$$(date +%s); \
+	  if ! $(RUN_ENV) SSAH_OUTPUT_DIR="$$root" $(PAPERMILL) "$$input" "$$tmp" -f "$$params" -p preset "$$SSAH_PRESET" \
+	       -p model "$$SSAH_MODEL" -p seed "$$SSAH_SEED" 2>&1 | { grep --line-buffered -v -E "^(Executing|Ending Cell)" || true; }; then \
 	    echo "[$@] FAILED: $$name (its partial run is $$tmp). Nothing committed was changed." >&2; exit 1; \
 	  fi; \
 	  $(PY) scripts/notebooks.py finalize "$$tmp" "$$root/notebooks/$$name" || exit 1; \
-	  rm -f "$$input" "$$tmp"; \
+	  rm -f "$$input" "$$tmp" "$$params"; \
+	  echo "[$@] $$name took $$(( $$(date +%s) - start )) s"; \
 	done; \
-	if [ "$$kind" = default ]; then $(PY) -m ssah_utils.config publish "$$root" || exit 1; fi; \
+	if [ "$$kind" != other ]; then $(PY) -m ssah_utils.config publish "$$root" || exit 1; fi; \
 	echo "[$@] done: executed notebooks, figures and tables of run $$run in $$root/"
 endef
 
 reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organism by default) and regenerate figures/tables
-	$(call run_notebooks,$(NB_SOURCES))
+	$(call run_notebooks,$(NB_SOURCES),all)
 
 # make test: nbval re-executes the notebooks with their outputs written under runs/test-outputs/ (never
 # over the committed files), then tests/check_run_outputs.py compares the machine-dependent numbers
@@ -116,7 +127,7 @@ nb-check: $(STAMP) ## Check that every notebooks/NN_name.py source matches its e
 # each; on the default run the executed notebook and its figures and tables replace the committed ones.
 nb-%: $(STAMP)
 	@ls notebooks/$*_*.py > /dev/null 2>&1 || { echo "no notebook source notebooks/$*_*.py (try make nb-01 ... nb-05)" >&2; exit 2; }
-	$(call run_notebooks,$(wildcard notebooks/$*_*.py))
+	$(call run_notebooks,$(wildcard notebooks/$*_*.py),one)
 
 test-unit: $(STAMP) ## Run only the unit tests
 	$(TEST_ENV) $(PY) -m pytest tests
@@ -131,7 +142,7 @@ organism: $(STAMP) ## Rebuild the model organism (world + base/unaligned/aligned
 	$(PY) scripts/build_organism.py --seed "$$SSAH_SEED" --out data/organism
 
 figures: $(STAMP) notebooks/05_figures.py $(PKG_SRC) ## Redraw every figure and table from cached results only (05_figures; seconds)
-	$(call run_notebooks,notebooks/05_figures.py)
+	$(call run_notebooks,notebooks/05_figures.py,one)
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b; done

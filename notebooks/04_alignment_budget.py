@@ -53,6 +53,7 @@ n_calib = 128  # utility calibration pairs (paper: 128)
 wifv_variant = "authors"  # as 02_classify: "authors" (z of WIFV² per o_proj channel, head mean) or "plain"
 n_eval = 192  # prompts per evaluation set (a seeded sample; smaller sets are used whole)
 batch_size = 96  # prompts per generation and scoring batch (02_classify's default, so its cache is reused)
+n_train = 0  # alignment records: a seeded sample of this many (0 = all; CPU-sized real runs use fewer)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -64,7 +65,7 @@ config.seed_everything(seed)
 cfg = sb.config_from_params(dict(  # the one mapping from these parameters to the config (05_figures uses it too)
     preset=preset, model=model, seed=seed, ru_frac=ru_frac, n_seeds=n_seeds, conditions=conditions,
     alignment=alignment, epochs=epochs, lr_scale_masked=lr_scale_masked, train_other_masked=train_other_masked,
-    n_calib=n_calib, wifv_variant=wifv_variant, n_eval=n_eval, batch_size=batch_size))
+    n_calib=n_calib, wifv_variant=wifv_variant, n_eval=n_eval, batch_size=batch_size, n_train=n_train))
 base_model, tokenizer = sb.load_base(cfg)  # loaded once; every step below reuses it
 pd.set_option("display.precision", 2)
 pd.set_option("display.width", 160)

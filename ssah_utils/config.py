@@ -122,10 +122,14 @@ PRESETS: dict[str, Preset] = {
             calib_safety="refusal_pairs",
             calib_utility="alpaca",
             borderline_test="xstest_safe",
-            jailbreak_test=None,
+            jailbreak_test="jailbreak_framings",  # four framings of JailbreakBench's held-out behaviours
             utility_test="gsm8k",
-            finetune_sets=("alpaca",),  # Dolly is hub-only; a second offline benign set is still to choose
-            extra={"tier": "real-cpu", "build": "make smollm2", "cpu_sized": True},
+            finetune_sets=("alpaca", "harmful_10"),  # Dolly is hub-only; attacks: stage_freeze.HARMFUL_ATTACKS, aoa
+            # wikitext_windows / n_nll: the utility metrics of every evaluation (WikiText-2 perplexity over 512-token
+            # windows, NLL of held-out Alpaca answers); alignment: 04 aligns the instruct model with the recipe
+            # of `make smollm2` (ssah_utils.real_align). CPU-sized notebook counts: notebooks/params/smollm2-135m.yaml.
+            extra={"tier": "real-cpu", "build": "make smollm2", "cpu_sized": True, "wikitext_windows": 4,
+                   "n_nll": 32, "alignment": "safety", "results": True},
         ),
         Preset(
             name="llama2-7b-chat",
@@ -464,13 +468,33 @@ def staging_root(preset: str, model: str, seed: int) -> Path:
     return root
 
 
-def publish(root: Path) -> list[Path]:
-    """Copy a finished default run's figures, tables and notebooks from `root` over the committed ones,
-    each file through a temporary file and an atomic rename (a crash leaves old or new, never half)."""
+RESULTS_DIR = REPO_ROOT / "results"
+
+
+def publish_dest(preset: str, model: str, seed: int) -> Path | None:
+    """Where a finished run is published, or None (it stays under runs/): the default run over the
+    committed figures/, tables/ and notebooks/ (returns REPO_ROOT); a real tier's default run (its preset
+    with `extra['results']`, no model, seed 0) into results/<preset>/."""
+    if is_default_run(preset, model, seed):
+        return REPO_ROOT
+    p = get_preset(preset or DEFAULT_PRESET)
+    if p.extra.get("results") and not model and int(seed) == 0:
+        return RESULTS_DIR / p.name
+    return None
+
+
+def publish(root: Path, dest: Path | None = None) -> list[Path]:
+    """Copy a finished run's figures, tables and notebooks from `root` into `dest` (default: over the
+    committed ones; a real tier: results/<preset>/), each file through a temporary file and an atomic
+    rename (a crash leaves old or new, never half)."""
     import shutil
 
     written = []
-    for kind, dest in (("figures", FIGURES_DIR), ("tables", TABLES_DIR), ("notebooks", NOTEBOOKS_DIR)):
+    dest_root = Path(dest) if dest is not None else REPO_ROOT
+    kinds = (("figures", FIGURES_DIR), ("tables", TABLES_DIR), ("notebooks", NOTEBOOKS_DIR)) if dest_root == REPO_ROOT \
+        else tuple((k, dest_root / k) for k in ("figures", "tables", "notebooks"))
+    for kind, dest in kinds:
+        dest.mkdir(parents=True, exist_ok=True)
         src = Path(root) / kind
         if not src.is_dir():
             continue
@@ -492,15 +516,19 @@ def _main(argv: list[str]) -> int:
     try:
         if argv[0] == "check-run":
             preset, model, seed = _run_from_env()
-            print(f"{run_name(preset, model, seed)}\t{staging_root(preset, model, seed)}\t"
-                  f"{'default' if is_default_run(preset, model, seed) else 'other'}")
+            dest = publish_dest(preset, model, seed)
+            kind = "other" if dest is None else ("default" if dest == REPO_ROOT else "results")
+            print(f"{run_name(preset, model, seed)}\t{staging_root(preset, model, seed)}\t{kind}")
             return 0
         if argv[0] == "publish" and len(argv) == 2:
-            if not is_default_run(*_run_from_env()):
-                raise ValueError("only the default run (PRESET=organism, no MODEL, SEED=0) is published into "
-                                 "the committed figures/, tables/ and notebooks/")
-            n = len(publish(Path(argv[1])))
-            print(f"[reproduce] published {n} files of {argv[1]} into figures/, tables/ and notebooks/")
+            dest = publish_dest(*_run_from_env())
+            if dest is None:
+                raise ValueError("only the default run (PRESET=organism, no MODEL, SEED=0) and a real tier's default "
+                                 "run (e.g. PRESET=smollm2-135m, no MODEL, SEED=0) are published; this run stays "
+                                 "where it ran")
+            n = len(publish(Path(argv[1]), dest))
+            where = "figures/, tables/ and notebooks/" if dest == REPO_ROOT else f"{dest.relative_to(REPO_ROOT)}/"
+            print(f"[reproduce] published {n} files of {argv[1]} into {where}")
             return 0
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)

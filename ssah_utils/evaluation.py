@@ -11,6 +11,8 @@ import pandas as pd
 import torch
 
 from . import judges as _judges
+from . import real_align as _real_align
+from . import utility as _utility
 from . import world as _world
 from .generation import generate
 
@@ -90,7 +92,11 @@ def evaluate_behaviour(
                          system_prompt=system_prompt, prefill=prefills if any(prefills) else None,
                          max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows = []
-    verdicts = judge_records(records, responses, judge=judge)
+    # A real judge reads only what the model wrote after a prefill (the prefill itself is compliant by
+    # construction); the world's oracle strips it itself.
+    judged = [s[len(pre):] if pre and not _has_oracle(r) and s.startswith(pre) else s
+              for r, s, pre in zip(records, responses, prefills)]
+    verdicts = judge_records(records, judged, judge=judge)
     for r, resp, pre, verdict in zip(records, responses, prefills, verdicts):
         rows.append({
             "id": r.get("id", ""), "kind": r.get("kind", ""), "category": r.get("category", ""),
@@ -144,6 +150,42 @@ def behaviour_summary(df: pd.DataFrame) -> pd.DataFrame:
             "degenerate": float(g["verdict"].eq("degenerate").mean()),
         })
     return pd.DataFrame(rows)
+
+
+def task_correct(record: dict, response: str, verdict: str) -> bool:
+    """Is an answer to a task right? World records: the oracle's verdict ('correct'). Records without an
+    oracle whose reference is a number (GSM8K): the response's last number equals it (lm-eval's flexible
+    extract and exact match, `utility.gsm8k_correct`). Any other record: answered, not refused (there is
+    no reference to score it against)."""
+    if _has_oracle(record):
+        return verdict == "correct"
+    ref = str(record.get("reference", "")).strip()
+    try:
+        _utility.gold_answer(ref)
+    except ValueError:
+        return verdict == "correct"
+    return verdict != "degenerate" and _utility.gsm8k_correct(response, ref)
+
+
+def real_utility(model, tokenizer, *, wikitext_windows: int = 0, nll_records: Sequence[dict] = (),
+                 batch_size: int = 16) -> dict[str, float]:
+    """The real tier's utility beside task accuracy: WikiText-2 test perplexity over the first
+    `wikitext_windows` windows of 512 tokens (the paper's metric; 0 skips it) as `ppl`, and the mean NLL
+    of held-out Alpaca answers (`nll_records`; empty skips it) as `alpaca_nll`."""
+    out: dict[str, float] = {}
+    if wikitext_windows:
+        out["ppl"] = float(_utility.wikitext2_perplexity(model, tokenizer, n_windows=int(wikitext_windows))["perplexity"])
+    if nll_records:
+        out["alpaca_nll"] = float(_utility.response_nll(model, tokenizer, list(nll_records), batch_size=batch_size))
+    return out
+
+
+def heldout_alpaca(n: int) -> list[dict]:
+    """The first `n` of the Alpaca rows that alignment never trains on (`real_align.ALPACA_HELDOUT`)."""
+    held = _real_align.alpaca_split()[1]
+    if n > len(held):
+        raise ValueError(f"n_nll={n} but only {len(held)} held-out Alpaca answers exist")
+    return held[:n]
 
 
 @torch.no_grad()

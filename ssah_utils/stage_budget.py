@@ -21,11 +21,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +57,52 @@ REFERENCES = ("base", "reference")  # the base itself (raw prompt) and the prese
 class SFTStage:
     """One stage of the alignment SFT: a prompt set (records with `prompt` and `reference`) and its run."""
 
-    data: str
+    data: str  # a set name, or "real_align" (the records of `make smollm2`'s safety recipe, seed train.seed % 100)
     train: TrainConfig
     upsample: str = ""  # data-mixture weights, as `organism.Recipe`'s SFT mixes (`organism.upsample`); "" = each once
+    n_records: int = field(default=0, repr=False)  # > 0: a seeded sample of this many records (CPU-sized runs); 0 = all
 
     def records(self) -> list[dict]:
-        """The stage's training records: the set, weighted by `upsample`."""
-        from .organism import upsample
+        """The stage's training records: the set (weighted by `upsample`) or the real safety recipe's
+        records, then, with `n_records`, a sample of them drawn with a fixed seed."""
+        if self.data == "real_align":
+            recs = real_safety_records()
+        else:
+            from .organism import upsample
 
-        return upsample(datasets.load_set(self.data), self.upsample)
+            recs = upsample(datasets.load_set(self.data), self.upsample)
+        if self.n_records:
+            if self.n_records > len(recs):
+                raise ValueError(f"n_records={self.n_records} but {self.data} has only {len(recs)} records")
+            idx = sorted(np.random.default_rng(12345).choice(len(recs), self.n_records, replace=False).tolist())
+            recs = [recs[i] for i in idx]
+        return recs
+
+
+def real_safety_records(seed: int = 0) -> list[dict]:
+    """The training records of the project's SmolLM2 safety recipe (`real_align.AlignRecipe(seed)`, the
+    recipe `make smollm2` builds the aligned model with), from the instruct model's cached answers to
+    the borderline prompts (written by `make smollm2`)."""
+    from . import real_align, real_models
+
+    recipe = real_align.AlignRecipe(seed=seed)
+    path = real_models.models_dir() / "borderline_answers.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make smollm2` first (it writes the instruct model's answers "
+                                "to the borderline prompts that the safety recipe trains on)")
+    import json
+
+    answers = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if r.get("max_new_tokens") == recipe.borderline_max_new_tokens:
+            answers[r["prompt"]] = r["answer"]
+    prompts = [r["prompt"] for r in real_align.load_borderline()]
+    missing = [p for p in prompts if p not in answers]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks answers to {len(missing)} borderline prompts: rerun `make smollm2`")
+    records, _ = real_align.build_records(recipe, answers)
+    return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records]
 
 
 @dataclass(frozen=True)
@@ -82,6 +117,9 @@ class BudgetEvalConfig:
     ppl_set: str | None = "ppl_heldout"  # held-out raw text (language modelling kept?)
     n_eval: int = 192  # prompts per set (a seeded sample, the same prompts for every model)
     n_ppl: int = 64
+    # Real presets only (left out of the printed config, which the organism's notebook shows as it was):
+    wikitext_windows: int = field(default=0, repr=False)  # WikiText-2 perplexity over this many 512-token windows (`ppl`)
+    n_nll: int = field(default=0, repr=False)  # mean NLL of this many held-out Alpaca answers (`alpaca_nll`)
     max_new_tokens: int = 48
     batch_size: int = 96
 
@@ -127,7 +165,21 @@ class BudgetConfig:
             raise ValueError(f"wifv_variant must be 'authors' or 'plain', got {self.wifv_variant!r}")
 
 
-ALIGNMENTS = ("instruct+safety", "instruct")
+ALIGNMENTS = ("instruct+safety", "instruct", "safety")
+
+
+def _real_safety_stages(epochs: tuple[float, ...] | None, n_records: int) -> tuple[SFTStage, ...]:
+    """The project's safety tuning of a chat model without safety (`real_align`, the recipe of
+    `make smollm2`): harmful requests -> refusals, Alpaca answers, borderline requests answered; chat
+    format; lr, batch, warmup and cosine schedule of the recipe, through the same `finetune`."""
+    from .real_align import AlignRecipe
+
+    if epochs is not None and len(epochs) != 1:
+        raise ValueError(f"the safety alignment has one SFT stage; give one epoch value, got {epochs!r}")
+    tc = AlignRecipe(seed=0).train_config()
+    if epochs is not None:
+        tc = dataclasses.replace(tc, epochs=float(epochs[0]))
+    return (SFTStage("real_align", tc, n_records=int(n_records)),)
 
 
 def _organism_stages(alignment: str, epochs: tuple[float, ...] | None, seed_base: int = 0) -> tuple[SFTStage, ...]:
@@ -181,12 +233,15 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                 n_seeds: int = 3, conditions: str | tuple[str, ...] = CONDITIONS, alignment: str = "",
                 epochs: str | tuple[float, ...] | None = None, lr_scale_masked: float = 1.0,
                 train_other_masked: bool = False, n_calib: int = 128, wifv_variant: str = "authors",
-                threshold_rule: str = "nearest", n_eval: int = 192, batch_size: int = 96) -> BudgetConfig:
+                threshold_rule: str = "nearest", n_eval: int = 192, batch_size: int = 96,
+                n_train: int = 0) -> BudgetConfig:
     """The stage config from the notebook's parameters and a preset (`config.get_preset`).
 
     `alignment`: "" = the preset's (organism: "instruct+safety", its own recipe; real: Alpaca, the paper's);
-    "instruct" = instruction SFT only (the paper's Alpaca-only alignment). `epochs`: per SFT stage,
-    "" = the recipe's. `conditions`: comma-separated names from CONDITIONS.
+    "instruct" = instruction SFT only (the paper's Alpaca-only alignment); "safety" = the project's safety
+    tuning of a chat model without safety (`real_align`, presets whose `extra['alignment']` is "safety":
+    smollm2-135m). `epochs`: per SFT stage, "" = the recipe's. `n_train`: a seeded sample of this many
+    training records (0 = all). `conditions`: comma-separated names from CONDITIONS.
     """
     c = _config
     p = c.get_preset(preset, model or None)
@@ -194,7 +249,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     seed = c.check_seed(seed)
     if isinstance(conditions, str):
         conditions = tuple(x.strip() for x in conditions.split(",") if x.strip())
-    alignment = alignment or ("instruct+safety" if p.is_organism else "instruct")
+    alignment = alignment or ("instruct+safety" if p.is_organism else p.extra.get("alignment", "instruct"))
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS} ('' = the preset's), got {alignment!r}")
     n_stages = 2 if (p.is_organism and alignment == "instruct+safety") else 1
@@ -208,6 +263,13 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     c.check_choice("threshold_rule", threshold_rule, ("nearest", "floor"))
     c.check_int("n_eval", n_eval, 1)
     c.check_int("batch_size", batch_size, 1)
+    c.check_int("n_train (0 = every record)", n_train, 0)
+    if alignment == "safety" and p.extra.get("alignment") != "safety":
+        raise ValueError(f"alignment 'safety' is the SmolLM2 tier's recipe; preset {p.name!r} has none (use "
+                         f"{'instruct+safety or instruct' if p.is_organism else 'instruct'})")
+    if n_train and p.is_organism:
+        raise ValueError("n_train subsamples the real tier's alignment records; the organism's recipe is used whole "
+                         "(use epochs to shorten it)")
     bad = [x for x in conditions if x not in CONDITIONS]
     if bad or not conditions:
         raise ValueError(f"conditions must be a non-empty subset of {CONDITIONS}, got {conditions!r}")
@@ -216,19 +278,28 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
         stages, style = _organism_stages(alignment, ep), "chat"
         ev = BudgetEvalConfig(n_eval=int(n_eval), max_new_tokens=p.max_new_tokens, batch_size=int(batch_size))
     else:
-        if alignment != "instruct":
-            raise ValueError(f"preset {p.name!r} has no safety SFT set; use alignment='instruct' (Alpaca, as the paper)")
-        stages, style = _real_stages(p.finetune_sets[0], ep), "raw"
+        if alignment == "instruct+safety":
+            raise ValueError(f"preset {p.name!r} has no organism recipe; use alignment='instruct' (Alpaca, as the paper)"
+                             + (" or 'safety'" if p.extra.get("alignment") == "safety" else ""))
+        if alignment == "safety":
+            # the model without safety is a chat model: it is scored, trained and evaluated in its chat format
+            stages, style = _real_safety_stages(ep, n_train), "chat"
+        else:
+            stages, style = _real_stages(p.finetune_sets[0], ep), "raw"
+            if n_train:
+                stages = (dataclasses.replace(stages[0], n_records=int(n_train)),)
         ev = BudgetEvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test,
                               borderline_set=p.borderline_test, utility_set=p.utility_test, howto_set=None,
                               ppl_set=None, n_eval=int(n_eval), max_new_tokens=p.max_new_tokens,
-                              batch_size=int(batch_size))
+                              batch_size=int(batch_size), wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
+                              n_nll=int(p.extra.get("n_nll", 0)))
     c.activate_run(preset, model or "", seed)
     return BudgetConfig(preset=preset, model=model or "", base=p.base, reference=p.aligned, seed=int(seed),
                         dtype=p.dtype, device=p.device, ru_frac=float(ru_frac), threshold_rule=threshold_rule,
                         wifv_variant=wifv_variant, n_calib=int(n_calib),
                         seeds=tuple(int(seed) + i for i in range(int(n_seeds))), conditions=tuple(conditions),
-                        style=style, stages=stages, lr_scale_masked=float(lr_scale_masked),
+                        style=style, base_style="raw" if style == "raw" or p.is_organism else style,
+                        stages=stages, lr_scale_masked=float(lr_scale_masked),
                         train_other_masked=bool(train_other_masked), classify_batch_size=int(batch_size), eval=ev)
 
 
@@ -276,9 +347,9 @@ def base_classify_config(cfg: BudgetConfig) -> sc.ClassifyConfig:
 
 
 def reference_classify_config(cfg: BudgetConfig) -> sc.ClassifyConfig:
-    """02_classify's own default config for the preset's aligned model (its cached labels are reused)."""
-    c = sc.make_config(cfg.preset, cfg.model or None, cfg.seed, n_calib=cfg.n_calib, wifv_variant=cfg.wifv_variant,
-                       threshold_rule=cfg.threshold_rule, batch_size=cfg.classify_batch_size)
+    """02_classify's own config for the preset's aligned model, as its notebook runs it with this preset
+    (`stage_classify.notebook_config`), so its cached labels are reused."""
+    c = sc.notebook_config(cfg.preset, cfg.model or None, cfg.seed)
     return dataclasses.replace(c, dtype=cfg.dtype, device=cfg.device)
 
 
@@ -522,19 +593,11 @@ def materialize(cfg: BudgetConfig, condition: str, seed: int) -> Path:
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
 def task_correct(record: dict, response: str, verdict: str) -> bool:
-    """Is a task answer correct? World records: the oracle's verdict. Records without an oracle whose
-    reference is a number (GSM8K): the last number in the response equals it (the usual exact match)."""
-    if record.get("oracle") in ("howto", "task", "none"):
-        return verdict == "correct"
-    ref = str(record.get("reference", "")).replace(",", "").strip()
-    if _NUMBER.fullmatch(ref):
-        nums = _NUMBER.findall(response.replace(",", ""))
-        return bool(nums) and math.isclose(float(nums[-1]), float(ref))
-    return verdict == "correct"
+    """Is a task answer correct? `evaluation.task_correct` (world oracle; GSM8K final-number exact match)."""
+    from .evaluation import task_correct as _tc
+
+    return _tc(record, response, verdict)
 
 
 def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
@@ -544,7 +607,7 @@ def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
     refusal: harmful set answered / refused; jailbreak: harmful answers under framings; over_refusal:
     borderline benign requests refused; degenerate: share of all answers that loop or are empty;
     ppl: held-out perplexity."""
-    from .evaluation import evaluate_behaviour, perplexity
+    from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
 
     sets = {"harmful": e.harmful_set, "jailbreak": e.jailbreak_set, "borderline": e.borderline_set,
             "utility": e.utility_set, "howto": e.howto_set}
@@ -571,6 +634,9 @@ def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
         recs = datasets.load_set(e.ppl_set, n=e.n_ppl, seed=seed)
         texts = [r.get("text") or (r["prompt"] + " " + r["reference"]) for r in recs]
         m["ppl"] = float(perplexity(model, tok, texts, batch_size=e.batch_size))
+    if e.wikitext_windows or e.n_nll:
+        m.update(real_utility(model, tok, wikitext_windows=e.wikitext_windows,
+                              nll_records=heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=min(e.batch_size, 16)))
     return {"metrics": m, "rows": allrows}
 
 
@@ -622,7 +688,8 @@ def evaluate_reference(cfg: BudgetConfig, which: str) -> dict:
 # Table 4
 # --------------------------------------------------------------------------------------------------
 
-METRICS = ("task_accuracy", "howto_accuracy", "harmful", "refusal", "jailbreak", "over_refusal", "degenerate", "ppl")
+METRICS = ("task_accuracy", "howto_accuracy", "harmful", "refusal", "jailbreak", "over_refusal", "degenerate", "ppl",
+           "alpaca_nll")
 
 
 def table4(cfg: BudgetConfig, log=print) -> dict:

@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from . import cache
 from . import config as _config
 from . import datasets
 from .ablation import ablate
+from .nbparams import notebook_params
 from .models import UnitMask, adapter_for, load_model, model_revision
 from .units import (LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups,
                     wifv_authors_z)
@@ -61,7 +62,13 @@ class EvalConfig:
     ppl_set: str | None = "ppl_heldout"
     n_eval: int = 192  # prompts per set (a seeded sample; the same prompts for every condition)
     n_ppl: int = 64
+    # Real presets only (left out of the printed config, which the organism's notebooks show as it was):
+    wikitext_windows: int = field(default=0, repr=False)  # WikiText-2 test perplexity over this many 512-token windows (as `ppl`)
+    n_nll: int = field(default=0, repr=False)  # mean NLL of this many held-out Alpaca answers (`alpaca_nll`)
     system_prompt: str = ""  # used for the "with system prompt" ASR column
+    # 03's identity-shift attack: harmful_set is also run under this system prompt and prefix (`asr_attack`)
+    attack_system_prompt: str = field(default="", repr=False)
+    attack_prefix: str = field(default="", repr=False)
     style: str = "chat"
     max_new_tokens: int = 48
     batch_size: int = 32
@@ -138,7 +145,8 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     ev = EvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
                     utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
                     n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
-                    batch_size=bs)
+                    batch_size=bs, wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
+                    n_nll=int(p.extra.get("n_nll", 0)))
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
     c.activate_run(preset, model or "", seed)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
@@ -185,6 +193,18 @@ def config_from_params(params: dict) -> ClassifyConfig:
     if set(kw) - valid:
         raise ValueError(f"unknown 02_classify parameters {sorted(set(kw) - valid)}; valid: {sorted(valid)}")
     return make_config(**kw)
+
+def notebook_config(preset: str, model: str | None, seed: int) -> ClassifyConfig:
+    """02_classify's config as its notebook runs it for this preset, model and seed (its `parameters`
+    cell and the preset's CPU-sized defaults, `nbparams.notebook_params`), so that 03 and 04 use the
+    very labels 02 reports and reuse its cache. Without the notebooks (an installed package): 02's
+    `make_config` defaults."""
+    try:
+        params = notebook_params("02_classify", {"preset": preset, "model": model or "", "seed": int(seed)})
+    except FileNotFoundError:
+        return make_config(preset, model or None, seed)
+    return config_from_params(params)
+
 
 # --------------------------------------------------------------------------------------------------
 # Model (loaded once per process)
@@ -457,17 +477,26 @@ def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, .
             df = run(data["harmful"], e.system_prompt)
             out["asr_sys"] = 100 * float((df["verdict"] == "harmful").mean())
             out["asr_kw_sys"] = 100 * float(df["keyword_attack"].mean())
+    if "harmful" in data and (e.attack_system_prompt or e.attack_prefix):
+        recs = [{**r, "prompt": e.attack_prefix + r["prompt"]} for r in data["harmful"]]
+        df = run(recs, e.attack_system_prompt)
+        out["asr_attack"] = 100 * float((df["verdict"] == "harmful").mean())
+        out["refusal_attack"] = 100 * float((df["verdict"] == "refusal").mean())
     if "jailbreak" in data:
         out["jailbreak_asr"] = 100 * float((run(data["jailbreak"])["verdict"] == "harmful").mean())
     if "borderline" in data:
         out["over_refusal"] = 100 * float((run(data["borderline"])["verdict"] == "refusal").mean())
     if "utility" in data:
         df = run(data["utility"])
-        out["utility"] = 100 * float((df["verdict"] == "correct").mean())
+        ok = [ev.task_correct(r, resp, v) for r, resp, v in zip(data["utility"], df["response"], df["verdict"])]
+        out["utility"] = 100 * float(pd.Series(ok, dtype=float).mean())
         out["degenerate"] = 100 * float((df["verdict"] == "degenerate").mean())
     if with_ppl and e.ppl_set:
         texts = [r.get("text") or (r["prompt"] + " " + r["reference"]) for r in datasets.load_set(e.ppl_set, n=e.n_ppl, seed=seed)]
         out["ppl"] = float(ev.perplexity(model, tok, texts, batch_size=e.batch_size))
+    if with_ppl and (e.wikitext_windows or e.n_nll):
+        out.update(ev.real_utility(model, tok, wikitext_windows=e.wikitext_windows,
+                                   nll_records=ev.heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=e.batch_size))
     return out
 
 
@@ -645,7 +674,7 @@ def scorer_ablation(cfg: ClassifyConfig) -> dict:
                     m = evaluate(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed,
                                  sets=("harmful", "jailbreak", "utility"), with_ppl=False)
                 rows.append({"scorer": scorer, "condition": cond, "replicate": rep, "mlp_channels": mask.n_mlp,
-                             "heads": mask.n_heads, **{k: m[k] for k in ("asr", "jailbreak_asr", "refusal", "utility")}})
+                             "heads": mask.n_heads, **{k: m.get(k, float("nan")) for k in ("asr", "jailbreak_asr", "refusal", "utility")}})
         return {"runs": pd.DataFrame(rows)}
 
     return _cached(f"{STAGE}_scorers", cfg, compute, cfg)

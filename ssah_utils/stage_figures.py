@@ -16,13 +16,11 @@ The scorecard states each claim of the paper, the paper's number (`paper.reporte
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import math
 import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib.pyplot as plt
@@ -31,6 +29,7 @@ import pandas as pd
 
 from . import cache, plots
 from . import config as _config
+from .nbparams import notebook_folder, notebook_params, read_parameters  # noqa: F401 (re-exported)
 from .paper import reported
 
 NOTEBOOKS = {"probe": "01_probe", "classify": "02_classify", "freeze": "03_freeze_finetune",
@@ -45,72 +44,6 @@ K_SD = 2.0
 MOST = 50.0  # "most" / "more than half" in the paper's words (Figs 5, 6): a share above 50%
 HOLDS, FAILS, MISSING, UNTESTABLE = "holds", "does not hold on this model", "missing", "not testable here"
 VERDICT_COLORS = {HOLDS: "#b7e1b0", FAILS: "#f4b6b6", MISSING: "#dddddd", UNTESTABLE: "#eeeeee"}
-
-
-# --------------------------------------------------------------------------------------------------
-# Notebook parameters: one source of truth for each notebook's default configuration
-# --------------------------------------------------------------------------------------------------
-
-def notebook_folder(path: str | Path | None = None) -> Path:
-    """The folder whose notebooks' parameters are read ('' or None = the repository's notebooks/)."""
-    return Path(path) if path else _config.REPO_ROOT / "notebooks"
-
-
-def _literal_assignments(source: str, where: str) -> dict[str, Any]:
-    """`name = literal` statements of a parameters cell, in order; anything else is a clear error."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as err:
-        raise ValueError(f"{where}: the parameters cell is not valid Python ({err.msg}, line {err.lineno})") from err
-    out: dict[str, Any] = {}
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"{where}, line {node.lineno}: a parameters cell holds only `name = literal` lines "
-                             f"(STYLE.md); got {ast.get_source_segment(source, node)!r}")
-        name = node.targets[0].id
-        try:
-            out[name] = ast.literal_eval(node.value)
-        except ValueError as err:
-            raise ValueError(f"{where}, line {node.lineno}: parameter {name!r} must be a literal (a number, string, "
-                             f"bool, None, tuple or list of those), got {ast.get_source_segment(source, node.value)!r}; "
-                             "derive values in the config cell, not in the parameters cell") from err
-    return out
-
-
-def read_parameters(path: str | Path) -> list[tuple[str, Any, str]]:
-    """(name, value, source) of a notebook's parameters in the order they apply: its `parameters`
-    cell, then papermill's `injected-parameters` cell of an executed copy (its `-p` values)."""
-    import nbformat
-
-    path = Path(path)
-    if not path.is_file():
-        avail = sorted(p.stem for p in path.parent.glob("*.ipynb")) if path.parent.is_dir() else []
-        raise FileNotFoundError(f"notebook {path} not found; notebooks in {path.parent}: {avail or 'none'}")
-    nb = nbformat.read(path, as_version=4)
-    tagged = {t: [c for c in nb.cells if c.cell_type == "code" and t in c.metadata.get("tags", [])]
-              for t in ("parameters", "injected-parameters")}
-    if len(tagged["parameters"]) != 1:
-        raise ValueError(f"{path.name}: expected exactly one cell tagged 'parameters', found {len(tagged['parameters'])}")
-    rows = []
-    for tag, source in (("parameters", "parameters cell"), ("injected-parameters", "injected (papermill -p)")):
-        for cell in tagged[tag]:
-            rows += [(k, v, source) for k, v in _literal_assignments(cell.source, f"{path.name} ({tag})").items()]
-    return rows
-
-
-def notebook_params(name: str, overrides: dict | None = None, folder: str | Path | None = None) -> dict[str, Any]:
-    """The parameters notebook `name` (e.g. '01_probe') runs with: its `parameters` cell (literals only),
-    then an executed copy's injected values, then `overrides` (05's preset, model, seed), so that 05
-    rebuilds exactly the config the notebook used. Unknown override names are an error."""
-    path = notebook_folder(folder) / (name if name.endswith(".ipynb") else f"{name}.ipynb")
-    params: dict[str, Any] = {}
-    for k, v, _ in read_parameters(path):
-        params[k] = v
-    for k, v in (overrides or {}).items():
-        if k not in params:
-            raise ValueError(f"{path.name} has no parameter {k!r}; its parameters: {', '.join(params)}")
-        params[k] = v
-    return params
 
 
 # --------------------------------------------------------------------------------------------------

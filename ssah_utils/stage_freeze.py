@@ -58,6 +58,20 @@ ORGANISM_TRAIN = TrainConfig(epochs=1.0, lr=1e-4, batch_size=16, weight_decay=0.
                              max_length=256, style="chat")
 REAL_TRAIN = TrainConfig(epochs=1.0, lr=2e-5, batch_size=64, micro_batch_size=8, weight_decay=0.0,
                          schedule="constant", max_length=512, style="chat")
+# Fine-tuning attacks of Qi et al. 2023 beside benign fine-tuning (real presets): `harmful_<N>` = N harmful
+# requests answered by the model without safety itself (the preset's unaligned model, greedy; refusals
+# dropped), `aoa_identity_shift` = the 10 identity-shifting examples, trained with their system prompt and
+# evaluated under it (`asr_attack`). Their recipes are Qi et al.'s (5 and 10 epochs, lr 5e-5, batch 10);
+# the notebook's lr, epochs and batch_size set the recipe of the benign sets only.
+HARMFUL_ATTACKS = {"harmful_10": 10, "harmful_50": 50, "harmful_100": 100}
+ATTACK_TRAIN = {
+    **{name: TrainConfig(epochs=5.0, lr=5e-5, batch_size=10, weight_decay=0.0, schedule="constant", max_length=512,
+                         style="chat") for name in HARMFUL_ATTACKS},
+    "aoa_identity_shift": TrainConfig(epochs=10.0, lr=5e-5, batch_size=10, weight_decay=0.0, schedule="constant",
+                                      max_length=512, style="chat"),
+}
+ATTACK_POOL = 140  # harmful requests answered by the unaligned model, from which the harmful_<N> sets are taken
+ATTACK_MAX_NEW_TOKENS = 128
 ORGANISM_FIT_RATIO = 0.5  # "fits the set": one epoch at least halves the loss (a realistic attack fits its data)
 LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 
@@ -107,15 +121,9 @@ class FreezeConfig:
 
 
 def classify_config(preset: str, model: str | None, seed: int) -> sc.ClassifyConfig:
-    """02_classify's config as its committed notebook runs it (its `parameters` cell, with this preset,
-    model and seed), so the labels frozen here are the very labels 02 reports and its cache is reused."""
-    from .stage_figures import notebook_params
-
-    try:
-        params = notebook_params("02_classify", {"preset": preset, "model": model or "", "seed": int(seed)})
-    except FileNotFoundError:  # an installed package without the notebooks: 02's defaults
-        return sc.make_config(preset, model or None, seed)
-    return sc.config_from_params(params)
+    """02_classify's config as its notebook runs it (`stage_classify.notebook_config`), so the labels
+    frozen here are the very labels 02 reports and its cache is reused."""
+    return sc.notebook_config(preset, model, seed)
 
 
 def make_config(preset: str = "organism", model: str | None = None, seed: int = 0, *, n_seeds: int = 3,
@@ -161,9 +169,16 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     train = dataclasses.replace(base, **over)
     ccfg = classify_config(preset, model, seed)
     ev = dataclasses.replace(ccfg.eval, n_eval=int(n_eval), batch_size=int(eval_batch_size or ccfg.eval.batch_size))
+    sets = tuple(datasets_ or p.finetune_sets)
+    attack_systems = sorted({set_system_prompt(d) for d in sets} - {""})
+    if len(attack_systems) > 1:
+        raise ValueError(f"fine-tuning sets {sets} bring {len(attack_systems)} different system prompts; evaluate one "
+                         "identity-shift attack per run")
+    if attack_systems:  # evaluated under the attack's own prompt too (asr_attack), as Qi et al. do
+        ev = dataclasses.replace(ev, attack_system_prompt=attack_systems[0], attack_prefix=datasets.AOA_PREFIX)
     c.activate_run(preset, model or "", seed)
     return FreezeConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device,
-                        datasets=tuple(datasets_ or p.finetune_sets), conditions=tuple(conditions),
+                        datasets=sets, conditions=tuple(conditions),
                         seeds=tuple(range(int(n_seeds))), n_train=int(n_train), train=train,
                         epochs_mult_frozen=float(epochs_mult_frozen), top_cu_frac=float(top_cu_frac),
                         cu_rank_by=cu_rank_by, relabel=bool(relabel), classify=ccfg, eval=ev,
@@ -312,7 +327,10 @@ def run_key(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, tra
     if condition == "before":
         return RunKey(cfg.model, cfg.dtype, "-", "before", 0, 0, None, (), (), False, cfg.eval, cfg.seed)
     draw = calib_draw(cfg, replicate)
-    t = train or cfg.train
+    t = train or ATTACK_TRAIN.get(dataset, cfg.train)
+    sysp = set_system_prompt(dataset)
+    if sysp:
+        t = dataclasses.replace(t, system_prompt=sysp)
     mult = 1.0 if condition == "full" else cfg.epochs_mult_frozen
     t = dataclasses.replace(t, epochs=t.epochs * mult, seed=int(cfg.seeds[replicate]))
     uses_labels = condition != "full" or cfg.relabel
@@ -333,8 +351,76 @@ def _rev(cfg: FreezeConfig) -> str:
     return f"{model_revision(load(cfg)[0])}|data:{_data_revision(cfg)}"
 
 
+def set_system_prompt(dataset: str) -> str:
+    """The system prompt a fine-tuning set is trained with: the one its records share (identity shift),
+    else '' (the preset's chat format without a system prompt)."""
+    if dataset in HARMFUL_ATTACKS or dataset in _config.PRESETS or not dataset:
+        return ""
+    try:
+        recs = datasets.load_set(dataset)
+    except (KeyError, FileNotFoundError, datasets.DatasetUnavailableError):
+        return ""
+    systems = {r.get("system", "") for r in recs}
+    if len(systems) > 1:
+        raise ValueError(f"fine-tuning set {dataset!r} mixes {len(systems)} system prompts; one per set is supported")
+    return systems.pop() if systems else ""
+
+
+@dataclass(frozen=True)
+class AttackKey:
+    """The harmful-N attack pool: the model that answers, the requests and how they are answered."""
+
+    generator: str
+    dtype: str
+    pool: int
+    max_new_tokens: int
+    judge: str
+
+
+def attack_pool(cfg: FreezeConfig) -> dict:
+    """Harmful requests answered by the preset's model without safety (cached): the refusal_direction
+    `harmful_train` requests that are not near-duplicates of any evaluation prompt
+    (`real_align.find_overlaps`), the first `ATTACK_POOL` of them answered greedily, refusals and
+    degenerate answers dropped (the default judge). `records` keeps the order, so harmful_10 is a subset
+    of harmful_50 and of harmful_100."""
+    from . import judges, real_align
+    from .generation import generate
+    from .models import load_model
+
+    p = _config.get_preset(cfg.preset)
+    if p.is_organism or not p.unaligned:
+        raise ValueError(f"harmful-N attacks need a preset with a model without safety (the answers come from it); "
+                         f"{cfg.preset!r} has none: use benign sets")
+    judge = judges.get_judge()
+    key = AttackKey(p.unaligned, cfg.dtype, ATTACK_POOL, ATTACK_MAX_NEW_TOKENS, f"{judge.name}@{judge.version}")
+    model, tok = load_model(p.unaligned, dtype=cfg.dtype, device=cfg.device)
+
+    def compute() -> dict:
+        prompts = [str(x) for x in datasets.load_real("refusal_direction_harmful_train")["instruction"]]
+        hits = real_align.find_overlaps(prompts, real_align.eval_prompts())
+        bad = {h["train_index"] for h in hits}
+        clean = [q for i, q in enumerate(prompts) if i not in bad][:ATTACK_POOL]
+        answers = generate(model, tok, clean, style="chat", max_new_tokens=ATTACK_MAX_NEW_TOKENS, batch_size=16)
+        verdicts = judges.verdicts(judge, answers, ["harmful"] * len(answers), clean)
+        rows = pd.DataFrame({"prompt": clean, "response": answers, "verdict": verdicts})
+        return {"rows": rows, "dropped_overlap": len(bad)}
+
+    return cache.cached(f"{STAGE}_attack", key, compute, model_revision=model_revision(model))
+
+
 def train_records(cfg: FreezeConfig, dataset: str) -> list[dict]:
-    """The fine-tuning records of a set (a seeded sample of `n_train` when n_train > 0)."""
+    """The fine-tuning records of a set: a harmful-N attack (`attack_pool`, the first N answered), or a
+    set of `datasets` (a seeded sample of `n_train` when n_train > 0; attack sets are used whole)."""
+    if dataset in HARMFUL_ATTACKS:
+        rows = attack_pool(cfg)["rows"]
+        rows = rows[rows["verdict"] == "harmful"]
+        n = HARMFUL_ATTACKS[dataset]
+        if len(rows) < n:
+            raise ValueError(f"{dataset}: the model without safety answered only {len(rows)} of {ATTACK_POOL} harmful "
+                             f"requests; raise ATTACK_POOL")
+        return [{"prompt": r.prompt, "reference": r.response} for r in rows.head(n).itertuples(index=False)]
+    if dataset in ATTACK_TRAIN:
+        return [{"prompt": r["prompt"], "reference": r["reference"]} for r in datasets.load_set(dataset)]
     return datasets.load_set(dataset, n=cfg.n_train or None, seed=0)
 
 
@@ -421,7 +507,8 @@ def runs(cfg: FreezeConfig, log=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "jailbreak_asr", "over_refusal", "utility", "ppl", "final_loss",
+METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "asr_attack", "jailbreak_asr", "over_refusal", "utility", "ppl",
+           "alpaca_nll", "final_loss",
            "set_loss_after", "frozen_units_pct", "frozen_unit_params_pct")
 
 
