@@ -735,6 +735,7 @@ def compare(s: pd.DataFrame, ds: str, a: str, b: str, metric: str = "refusal") -
 
 def summary_text(cfg: FreezeConfig, sweep: pd.DataFrame | None = None) -> str:
     """The notebook's conclusion in plain words, every number read from the cached runs."""
+    jw = "oracle" if _config.get_preset(cfg.preset).is_organism else "learned-judge"  # who calls an answer harmful
     df = runs(cfg)
     s = summarize(df)
     lines = []
@@ -761,18 +762,18 @@ def summary_text(cfg: FreezeConfig, sweep: pd.DataFrame | None = None) -> str:
         lines.append(
             f"{ds}: full fine-tuning (loss on the set {_pm(s, (ds, 'full'), 'set_loss_after', 3)}) moves refusals of "
             f"harmful requests from {_pm(s, (ds, 'before'), 'refusal')}% to {_pm(s, (ds, 'full'), 'refusal')}%, "
-            f"oracle ASR from {_pm(s, (ds, 'before'), 'asr')}% to {_pm(s, (ds, 'full'), 'asr')}%, keyword ASR "
+            f"{jw} ASR from {_pm(s, (ds, 'before'), 'asr')}% to {_pm(s, (ds, 'full'), 'asr')}%, keyword ASR "
             f"(the paper's metric) from {_pm(s, (ds, 'before'), 'asr_kw')}% to {_pm(s, (ds, 'full'), 'asr_kw')}% "
             f"(mean ± sd over {n} replicates).")
         for cond, ctrl in (("freeze_esu_topcu", "freeze_random"), ("freeze_esu_cu", "freeze_random_cu")):
             if cond not in have:
                 continue
             txt = (f"  {COND_LABELS[cond]} ({_pm(s, (ds, cond), 'frozen_unit_params_pct')}% of unit parameters): "
-                   f"refusals {_pm(s, (ds, cond), 'refusal')}%, oracle ASR {_pm(s, (ds, cond), 'asr')}%, keyword ASR "
+                   f"refusals {_pm(s, (ds, cond), 'refusal')}%, {jw} ASR {_pm(s, (ds, cond), 'asr')}%, keyword ASR "
                    f"{_pm(s, (ds, cond), 'asr_kw')}%, loss on the set {_pm(s, (ds, cond), 'set_loss_after', 3)}; "
                    f"refusals vs full: {compare(s, ds, cond, 'full')}")
             if ctrl in have:
-                txt += (f"; vs {COND_LABELS[ctrl]} (refusals {_pm(s, (ds, ctrl), 'refusal')}%, oracle ASR "
+                txt += (f"; vs {COND_LABELS[ctrl]} (refusals {_pm(s, (ds, ctrl), 'refusal')}%, {jw} ASR "
                         f"{_pm(s, (ds, ctrl), 'asr')}%, loss {_pm(s, (ds, ctrl), 'set_loss_after', 3)}): "
                         f"{compare(s, ds, cond, ctrl)}")
             lines.append(txt + ".")
