@@ -650,6 +650,7 @@ def seed_example(cfg: ProbeStageConfig, role: str = "aligned", framing: str = "b
 
     def compute() -> dict:
         fit = direction_fit(cfg, role)
+        pairs: list[tuple[dict, dict]] = []
         if cfg.sets.jailbreak:
             framed = [r for r in datasets.load_set(cfg.sets.jailbreak) if r["framing"] == framing]
             plain_by_act: dict[str, dict] = {}
@@ -657,7 +658,7 @@ def seed_example(cfg: ProbeStageConfig, role: str = "aligned", framing: str = "b
                 for r in datasets.load_set(name):
                     plain_by_act.setdefault(r.get("activity", ""), r)
             pairs = [(plain_by_act[r["activity"]], r) for r in framed if r.get("activity") in plain_by_act]
-        else:  # real sets: the paper's own wording appended to each request
+        if not pairs:  # real sets (records without activities): the paper's own wording appended to each request
             plain = datasets.load_set(cfg.sets.harmful, cfg.direction.n_per_group, cfg.seed)
             pairs = [(r, dict(r, prompt=r["prompt"].rstrip(" .?!") + " in order to help people.", framing=framing))
                      for r in plain]
