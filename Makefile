@@ -84,7 +84,8 @@ define run_notebooks
 	  params="$$root/notebooks/.$$name.params.yaml"; \
 	  echo "[$@] $$name (run $$run, outputs in $$root)"; \
 	  $(PY) scripts/notebooks.py to-ipynb "$$src" "$$input" || exit 1; \
-	  $(PY) -m ssah_utils.nbparams yaml "$$SSAH_PRESET" "$$src" > "$$params" || exit 1; \
+	  if [ -f "notebooks/params/$${SSAH_PRESET}.yaml" ]; then $(PY) -m ssah_utils.nbparams yaml "$$SSAH_PRESET" "$$src" > "$$params" || exit 1; \
+	  else echo "{}" > "$$params"; fi; \
 	  start=$$(date +%s); \
 	  if ! $(RUN_ENV) SSAH_OUTPUT_DIR="$$root" $(PAPERMILL) "$$input" "$$tmp" -f "$$params" -p preset "$$SSAH_PRESET" \
 	       -p model "$$SSAH_MODEL" -p seed "$$SSAH_SEED" 2>&1 | { grep --line-buffered -v -E "^(Executing|Ending Cell)" || true; }; then \

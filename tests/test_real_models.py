@@ -73,10 +73,13 @@ def test_conversion_of_the_real_file_keeps_the_logits(monkeypatch, tmp_path):
 
 def test_smollm2_preset_points_at_the_built_folders_and_real_sets():
     from ssah_utils import config, datasets
+    from ssah_utils.stage_freeze import HARMFUL_ATTACKS
 
     p = config.get_preset("smollm2-135m")
     assert not p.is_organism and p.dtype == "float32"
     assert p.aligned.endswith("smollm2-135m-aligned") and p.unaligned.endswith("smollm2-135m-instruct")
     assert p.base == p.unaligned  # the instruct model, tuned without safety, is the model without safety
-    for name in (p.harmful_test, p.calib_safety, p.calib_utility, p.borderline_test, p.utility_test, *p.finetune_sets):
+    for name in (p.harmful_test, p.calib_safety, p.calib_utility, p.borderline_test, p.utility_test, p.jailbreak_test):
         assert name in datasets.REAL_VIEWS, name
+    for name in p.finetune_sets:  # a real set, or a harmful-N attack built from the instruct model's own answers
+        assert name in datasets.REAL_VIEWS or name in HARMFUL_ATTACKS, name
