@@ -185,3 +185,21 @@ def test_harmful_attacks_use_qi_et_al_recipes_and_need_a_model_without_safety():
     org = sf.make_config("organism", n_seeds=1)
     with pytest.raises(ValueError, match="model without safety"):
         sf.attack_pool(dataclasses.replace(org, preset="llama2-7b-chat"))
+
+
+def test_compare_tiers_needs_both_scorecards_and_renders_them(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_tiers", config.REPO_ROOT / "scripts" / "compare_tiers.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    assert ct.main(["--real", "no-such-tier", "--out", "-"]) == 2
+    assert "make reproduce PRESET=no-such-tier" in capsys.readouterr().err
+    import pandas as pd
+
+    org = pd.DataFrame({"id": ["a", "b"], "claim": ["A", "B"], "source": ["s", "s"], "paper": ["1", "2"],
+                        "run": ["x", "y"], "verdict": ["holds", "missing"]})
+    real = org.assign(run=["u", "v|w"], verdict=["does not hold on this model", "holds"])
+    md = ct.table(org, real, "tier")
+    assert "| A (s) | 1 | u | **does not hold on this model** | x | **holds** |" in md
+    assert "v\\|w" in md and "tier: 1 does not hold on this model, 1 holds" in md
