@@ -27,7 +27,8 @@
 # `model` and `seed` applied to all four. The paper's numbers come from `data/paper/reported.csv`.
 #
 # **Outputs.** Every figure in `figures/` and table in `tables/` that notebooks 01-04 write;
-# `tables/claims_scorecard.*`, `figures/fig_claims_scorecard.*` and `tables/paper_vs_run_*.*`. A notebook
+# `tables/claims_scorecard.*`, `figures/fig_claims_scorecard.*`, `tables/paper_vs_run_*.*` and
+# `tables/judge_agreement.*` (read from `docs/judges/agreement.csv`). A notebook
 # whose results are not in the cache is reported (which notebook to run first) instead of failing, so this
 # notebook works after any subset of 01-04.
 #
@@ -45,7 +46,7 @@ notebooks_dir = ""  # folder whose notebooks' parameters are read ('' = notebook
 import pandas as pd
 import tqdm.auto  # noqa: F401  (loading a model imports it; its notebook warning belongs in this ignored cell)
 
-from ssah_utils import config
+from ssah_utils import config, plots
 from ssah_utils import stage_figures as sfig
 
 cfg = sfig.make_config(preset, model, seed, notebooks_dir)
@@ -201,6 +202,28 @@ card[["claim", "paper", "run", "control", "verdict"]]
 
 # %%
 sfig.saved_figure("fig_claims_scorecard")
+
+# %% [markdown]
+# ## 9 · The judges behind the numbers
+#
+# On the organism every verdict comes from the world's exact oracle; on a real model it comes from a refusal
+# judge, and a judge is only as good as its agreement with people. Measured on human-labelled XSTest
+# completions of two chat models, each judge tested on a model it never saw (the learned judges are trained
+# on the other model's completions; `docs/judges/README.md` has the protocol, every metric and the errors):
+# accuracy and Cohen's kappa with bootstrap 95% CIs over the 450 held-out items.
+
+# %%
+judges = sfig.judge_agreement()
+plots.save_table(judges, "judge_agreement")
+judges
+
+# %% [markdown]
+# `paper-asr` is the paper's rule (no refusal phrase of Wei et al. and at least 20 words); `wei2024-cs` its
+# phrase list alone; `learned (CV-selected)` the default judge of the real tiers, with the extractor and C
+# chosen by cross-validation inside its training data. Read kappa beside accuracy: on Mistral-7B-Instruct,
+# whose answers people mostly label compliance, a keyword list that almost never fires scores a high accuracy
+# by calling everything compliance, and its kappa (agreement beyond what the base rates give) shows it.
+# `human_refusal_rate` and `judge_refusal_rate` in `docs/judges/agreement.csv` give the rates.
 
 # %% [markdown]
 # ## Summary

@@ -21,6 +21,7 @@ import io
 import math
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import matplotlib.pyplot as plt
@@ -832,3 +833,39 @@ __all__ = ["FiguresConfig", "Section", "make_config", "notebook_params", "read_p
            "run_section", "run_all", "show_figure", "saved_figure", "section_status", "judge", "contrast", "versus_value", "all_of",
            "claims_scorecard", "plot_scorecard", "paper_vs_run_tables", "write_paper_tables", "summary_text",
            "NOTEBOOKS", "SECTIONS", "OWN_OUTPUTS", "HOLDS", "FAILS", "MISSING", "UNTESTABLE"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The judges behind the numbers (issue: judges that agree with people)
+# --------------------------------------------------------------------------------------------------
+
+JUDGE_AGREEMENT_CSV = _config.REPO_ROOT / "docs" / "judges" / "agreement.csv"
+# The rows a reader needs (every other row is in the CSV): the paper's ASR rule and refusal list, the
+# JailbreakBench list, the evaluation's keyword judge, and the CV-selected learned judge on each training set.
+_JUDGE_ROWS = (("paper-asr", ""), ("wei2024-cs", ""), ("jailbreakbench-cs", ""), ("eval-keyword", ""),
+               ("learned (CV-selected)", "xstest only"), ("learned (CV-selected)", "xstest+alpaca"),
+               ("learned (CV-selected)", "xstest+alpaca+llama2-7b-refusals"))
+
+
+def judge_agreement(path: str | None = None) -> pd.DataFrame:
+    """How well each refusal judge agrees with people on XSTest completions of a chat model it never saw
+    (leave-one-model-out; `scripts/judge_agreement.py` writes the CSV, docs/judges/README.md explains it):
+    accuracy and Cohen's kappa with bootstrap 95% CIs, one row per (held-out model, judge, training data)."""
+    p = JUDGE_AGREEMENT_CSV if path is None else Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run `python scripts/judge_agreement.py` to write it.")
+    d = pd.read_csv(p)
+    d["train_data"] = d["train_data"].fillna("")
+    rows = []
+    for test_model, g in d.groupby("test_model", sort=True):
+        for judge_name, train in _JUDGE_ROWS:
+            r = g[(g["judge"] == judge_name) & (g["train_data"] == train)]
+            if len(r) != 1:
+                raise ValueError(f"{p}: expected one row for judge {judge_name!r}, train data {train!r}, "
+                                 f"held-out model {test_model!r}, found {len(r)}: rerun scripts/judge_agreement.py.")
+            r = r.iloc[0]
+            rows.append({"held-out model": test_model, "judge": judge_name, "trained on": train or "-",
+                         "n": int(r["n"]),
+                         "accuracy": f"{r['accuracy']:.2f} [{r['accuracy_lo']:.2f}, {r['accuracy_hi']:.2f}]",
+                         "kappa": f"{r['kappa']:.2f} [{r['kappa_lo']:.2f}, {r['kappa_hi']:.2f}]"})
+    return pd.DataFrame(rows).set_index(["held-out model", "judge", "trained on"])

@@ -343,3 +343,19 @@ def test_make_config_checks_its_parameters(tmp_path):
     tab = sfig.params_table(cfg)
     assert tab.loc[("02_classify", "seed"), "from"] == "05 parameter" and tab.loc[("02_classify", "seed"), "value"] == "3"
     assert tab.loc[("02_classify", "h1"), "from"] == "parameters cell"
+
+
+def test_judge_agreement_table_reads_the_committed_measurement_and_fails_clearly(tmp_path):
+    t = sfig.judge_agreement()
+    d = pd.read_csv(sfig.JUDGE_AGREEMENT_CSV)
+    assert set(t.index.get_level_values(0)) == set(d["test_model"])
+    assert len(t) == len(sfig._JUDGE_ROWS) * d["test_model"].nunique()
+    # The cell shows the CSV's own numbers (value [lo, hi]), not a copy typed elsewhere.
+    row = d[(d["test_model"] == "Llama-2-70b-chat") & (d["judge"] == "paper-asr")].iloc[0]
+    assert t.loc[("Llama-2-70b-chat", "paper-asr", "-"), "kappa"] == \
+        f"{row['kappa']:.2f} [{row['kappa_lo']:.2f}, {row['kappa_hi']:.2f}]"
+    with pytest.raises(FileNotFoundError, match="judge_agreement.py"):
+        sfig.judge_agreement(str(tmp_path / "none.csv"))
+    d[d["judge"] != "paper-asr"].to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(ValueError, match="expected one row for judge 'paper-asr'"):
+        sfig.judge_agreement(str(tmp_path / "short.csv"))
