@@ -494,6 +494,29 @@ def _missing(sec: Section) -> str:
 RULE_CONTRAST = "difference beyond {k:g} × the larger sd (sd floored at {f:g} point)"
 
 
+def _is_real(cfg) -> bool:
+    """A real tier (a preset that measures WikiText-2 perplexity): its harmful verdicts come from the learned
+    judge, not an oracle, and its utility is perplexity, because GSM8K is near 0 at 135M and says nothing."""
+    preset = getattr(cfg, "preset", None)  # None: no config (a notebook not run), or a hand-made one
+    return preset is not None and int(_config.get_preset(preset).extra.get("wikitext_windows", 0)) > 0
+
+
+def _asr_word(cfg) -> str:
+    return "judged ASR" if _is_real(cfg) else "oracle ASR"
+
+
+def _with_ppl_rise(summary: pd.DataFrame | None, ref: str) -> pd.DataFrame | None:
+    """`summary` plus `ppl_rise`: the percent rise of WikiText-2 perplexity over row `ref` (its sd scaled
+    alike), so that the scorecard's rule (points, floored at 1) reads as percent of perplexity."""
+    if summary is None or ref not in summary.index or "ppl" not in summary.columns:
+        return None
+    out = summary.copy()
+    p0 = float(summary.loc[ref, "ppl"])
+    out["ppl_rise"] = 100.0 * (summary["ppl"] / p0 - 1.0)
+    out["ppl_rise_sd"] = 100.0 * summary["ppl_sd"] / p0 if "ppl_sd" in summary.columns else 0.0
+    return out
+
+
 def _probe_claims(sec: Section, paper: dict) -> list[dict]:
     rows = []
     d_rule = f"mean over prompts beyond {K_SD:g} standard errors from 0"
@@ -540,13 +563,19 @@ def _probe_claims(sec: Section, paper: dict) -> list[dict]:
 def _classify_claims(sec: Section, paper: dict) -> list[dict]:
     s = sec.results.get("summary") if sec.ok else None
     rule = RULE_CONTRAST.format(k=K_SD, f=SD_FLOOR)
+    asr = _asr_word(sec.cfg)
+    if _is_real(sec.cfg):  # utility = WikiText-2 perplexity, as the rise over the unablated model (%): higher = worse
+        s = _with_ppl_rise(s, "none")
+        umetric, ucost, uwhat = "ppl_rise", "higher", "WikiText-2 perplexity rise"
+    else:
+        umetric, ucost, uwhat = "utility", "lower", "task accuracy"
     specs = [
         ("esu_asr", "Removing the ESU raises ASR beyond removing random units of equal size", "ESU", "random≈ESU",
-         "asr", "higher", "oracle ASR"),
+         "asr", "higher", asr),
         ("euu_utility", "Removing the EUU costs utility beyond removing random units of equal size", "EUU",
-         "random≈EUU", "utility", "lower", "task accuracy"),
-        ("ru_utility", "Removing the RU leaves utility as it is", "RU", "none", "utility", "same", "task accuracy"),
-        ("ru_asr", "Removing the RU leaves safety as it is", "RU", "none", "asr", "same", "oracle ASR"),
+         "random≈EUU", umetric, ucost, uwhat),
+        ("ru_utility", "Removing the RU leaves utility as it is", "RU", "none", umetric, "same", uwhat),
+        ("ru_asr", "Removing the RU leaves safety as it is", "RU", "none", "asr", "same", asr),
     ]
     rows = []
     for cid, claim, a, b, metric, expect, what in specs:
@@ -592,7 +621,7 @@ def _freeze_claims(sec: Section, paper: dict) -> list[dict]:
             pa, pb = _table2_paper(ds, a), _table2_paper(ds, b)
             ptxt = (f"keyword ASR {pa:.2f}% ({COND_LABELS[a]}) vs "
                     + (f"{pb:.2f}% ({COND_LABELS[b]})" if pb == pb else "no random control")) if pa == pa else "-"
-            run = f"oracle ASR {_pm(res['run_mean'], res['run_sd'], res['run_n'])} ({COND_LABELS[a]})"
+            run = f"{_asr_word(cfg)} {_pm(res['run_mean'], res['run_sd'], res['run_n'])} ({COND_LABELS[a]})"
             ctrl = f"{_pm(res['control_mean'], res['control_sd'], res['control_n'])} ({COND_LABELS[b]})"
             rows.append(_row(f"{cid}:{ds}", claim, "Sec 5, Table 2", ptxt, rule, res, run, ctrl, note=_missing(sec)))
     for ds in datasets:
@@ -626,9 +655,14 @@ def _budget_claims(sec: Section, paper: dict) -> list[dict]:
             rows.append(_row(cid, claim, "Sec 6, Table 4", paper[cid], rule, {"verdict": UNTESTABLE}, "-", "-",
                              note="condition not run (`conditions`)"))
             continue
-        res = contrast(s, "ru_only", b, "alignment_tax", expect="lower")
-        run = f"tax {_pm(res['run_mean'], res['run_sd'], res['run_n'], ' points')} (RU-only)"
-        ctrl = f"{_pm(res['control_mean'], res['control_sd'], res['control_n'], ' points')} ({b})"
+        if _is_real(sec.cfg):  # the tax in WikiText-2 perplexity (% rise over the base): GSM8K is ~0 here
+            res = contrast(_with_ppl_rise(s, "base"), "ru_only", b, "ppl_rise", expect="lower")
+            unit, what = "%", "tax (WikiText-2 perplexity rise over the base)"
+        else:
+            res = contrast(s, "ru_only", b, "alignment_tax", expect="lower")
+            unit, what = " points", "tax"
+        run = f"{what} {_pm(res['run_mean'], res['run_sd'], res['run_n'], unit)} (RU-only)"
+        ctrl = f"{_pm(res['control_mean'], res['control_sd'], res['control_n'], unit)} ({b})"
         rows.append(_row(cid, claim, "Sec 6, Table 4", paper[cid], rule, res, run, ctrl, note=_missing(sec)))
     tr = sec.results.get("transfer") if sec.ok else None
     rule6 = (f"share > {MOST:g}% and above the label's share among all units after (chance under independence) "
@@ -826,13 +860,13 @@ def summary_text(sections: dict[str, Section], card: pd.DataFrame) -> str:
 
 # The names of everything 05 writes besides the notebooks' own outputs (those are checked by a test
 # against the notebooks' save calls).
-OWN_OUTPUTS = ("claims_scorecard", "fig_claims_scorecard") + tuple(
+OWN_OUTPUTS = ("claims_scorecard", "fig_claims_scorecard", "judge_agreement") + tuple(
     f"paper_vs_run_{e}" for e in ("probe_distance", "unit_fractions", "table1", "table2", "table4"))
 
 __all__ = ["FiguresConfig", "Section", "make_config", "notebook_params", "read_parameters", "params_table",
            "run_section", "run_all", "show_figure", "saved_figure", "section_status", "judge", "contrast", "versus_value", "all_of",
            "claims_scorecard", "plot_scorecard", "paper_vs_run_tables", "write_paper_tables", "summary_text",
-           "NOTEBOOKS", "SECTIONS", "OWN_OUTPUTS", "HOLDS", "FAILS", "MISSING", "UNTESTABLE"]
+           "judge_agreement", "NOTEBOOKS", "SECTIONS", "OWN_OUTPUTS", "HOLDS", "FAILS", "MISSING", "UNTESTABLE"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -359,3 +359,27 @@ def test_judge_agreement_table_reads_the_committed_measurement_and_fails_clearly
     d[d["judge"] != "paper-asr"].to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(ValueError, match="expected one row for judge 'paper-asr'"):
         sfig.judge_agreement(str(tmp_path / "short.csv"))
+
+
+def test_real_tier_scorecard_measures_utility_by_perplexity_and_names_the_judge():
+    """On a real tier GSM8K is ~0 everywhere, so the utility claims read WikiText-2 perplexity (rise over the
+    unablated model or the base, %) and the ASR is the learned judge's; the organism keeps task accuracy."""
+    real = SimpleNamespace(preset="smollm2-135m")
+    rows = ["none", "ESU", "random≈ESU", "EUU", "random≈EUU", "RU"]
+    s = pd.DataFrame({"n": [1, 2, 2, 2, 2, 2], "asr": [3.0, 50.0, 0.0, 10.0, 5.0, 8.0], "asr_sd": 0.0,
+                      "utility": 0.0, "utility_sd": 0.0,  # GSM8K: 0 everywhere, as on SmolLM2-135M
+                      "ppl": [25.0, 40.0, 28.0, 5000.0, 200.0, 25.1], "ppl_sd": 0.1}, index=rows)
+    sec = sfig.Section("classify", "02_classify", cfg=real, results={"summary": s})
+    card = pd.DataFrame(sfig._classify_claims(sec, sfig._paper_texts())).set_index("id")
+    assert card.loc["euu_utility", "verdict"] == sfig.HOLDS  # 5000 vs 200: a cost GSM8K (0 vs 0) cannot show
+    assert card.loc["ru_utility", "verdict"] == sfig.HOLDS  # +0.4% of perplexity, within the 2-point margin
+    assert card.loc["euu_utility", "run"].startswith("WikiText-2 perplexity rise 19900.0")
+    assert card.loc["esu_asr", "run"].startswith("judged ASR 50.0")
+    s2 = s.copy()
+    s2.loc["RU", "ppl"] = 38.0  # +52%: the RU are not free on this tier
+    card2 = pd.DataFrame(sfig._classify_claims(sfig.Section("classify", "02_classify", cfg=real,
+                                                            results={"summary": s2}), sfig._paper_texts())).set_index("id")
+    assert card2.loc["ru_utility", "verdict"] == sfig.FAILS
+    org = pd.DataFrame(sfig._classify_claims(sfig.Section("classify", "02_classify", cfg=SimpleNamespace(
+        preset="organism"), results={"summary": s}), sfig._paper_texts())).set_index("id")
+    assert org.loc["euu_utility", "run"].startswith("task accuracy") and org.loc["esu_asr", "run"].startswith("oracle")
