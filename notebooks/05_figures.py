@@ -190,7 +190,10 @@ pd.concat({k: pvr[k] for k in ("paper_vs_run_probe_distance", "paper_vs_run_unit
 # (mean ± sd over the stage's seeds or replicates), `control` what it is compared with (random units of
 # equal size, the unablated model, full fine-tuning, chance), and `verdict` follows the stated `rule`:
 # a difference counts when it exceeds twice the larger sd of the two sides, and at least 2 points (the rule
-# the summaries of 02-04 use); "most" means more than 50%.
+# the summaries of 02-04 use); "most" means more than 50%. On a real tier (`preset="smollm2-135m"`) there is
+# no oracle: `judged ASR` is the learned judge's harmful-compliance rate, and the utility claims read
+# WikiText-2 perplexity as its rise over the unablated model (or the base, for Table 4's tax), in percent,
+# because GSM8K is near 0 for every condition of a 135M model and would make "utility unchanged" hold trivially.
 
 # %% tags=["nbval-ignore-output"]
 card[["claim", "paper", "run", "control", "verdict"]]

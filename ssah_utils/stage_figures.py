@@ -590,7 +590,7 @@ def _classify_claims(sec: Section, paper: dict) -> list[dict]:
 
 
 def _freeze_claims(sec: Section, paper: dict) -> list[dict]:
-    from .stage_freeze import COND_LABELS
+    from .stage_freeze import COND_LABELS, HARMFUL_ATTACKS
 
     rule = RULE_CONTRAST.format(k=K_SD, f=SD_FLOOR)
     cfg = sec.cfg
@@ -601,8 +601,9 @@ def _freeze_claims(sec: Section, paper: dict) -> list[dict]:
     rows = []
     for ds in datasets:
         s = sec.results["summary"].loc[ds] if sec.ok and ds in sec.results["summary"].index.get_level_values(0) else None
+        kind = "Harmful" if ds in HARMFUL_ATTACKS else ("Identity-shift" if ds.startswith("aoa") else "Benign")  # Qi et al.
         specs = [
-            ("ft_erodes", f"Benign fine-tuning on {ds} raises ASR", "full", "before", "higher"),
+            ("ft_erodes", f"{kind} fine-tuning on {ds} raises ASR", "full", "before", "higher"),
             ("freeze_i_vs_full", f"{ds}: freezing ESU + top CU keeps ASR below full fine-tuning", "freeze_esu_topcu",
              "full", "lower"),
             ("freeze_i_vs_random", f"{ds}: freezing ESU + top CU keeps ASR below freezing random units of equal size",

@@ -203,3 +203,28 @@ def test_compare_tiers_needs_both_scorecards_and_renders_them(tmp_path, capsys, 
     md = ct.table(org, real, "tier")
     assert "| A (s) | 1 | u | **does not hold on this model** | x | **holds** |" in md
     assert "v\\|w" in md and "tier: 1 does not hold on this model, 1 holds" in md
+
+
+def test_compare_tiers_rewrites_only_the_readme_block_between_its_markers(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("compare_tiers", config.REPO_ROOT / "scripts" / "compare_tiers.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    monkeypatch.setattr(ct, "ROOT", tmp_path)
+    card = pd.DataFrame({"id": ["a"], "claim": ["A"], "source": ["s"], "paper": ["1"], "run": ["x"], "verdict": ["holds"]})
+    for p in (tmp_path / "tables", tmp_path / "results" / "tier" / "tables"):
+        p.mkdir(parents=True)
+        card.to_csv(p / "claims_scorecard.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ct.START}\nold table\n{ct.END}\noutro\n", encoding="utf-8")
+    assert ct.main(["--real", "tier", "--out", "-", "--readme", "README.md"]) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(f"intro\n{ct.START}\n| claim |") and text.endswith(f"{ct.END}\noutro\n")
+    assert "old table" not in text and "| A (s) | 1 | x | **holds** | x | **holds** |" in text
+    readme.write_text("no markers here\n", encoding="utf-8")
+    assert ct.main(["--real", "tier", "--out", "-", "--readme", "README.md"]) == 2
+    assert "needs the markers" in capsys.readouterr().err
+    assert readme.read_text(encoding="utf-8") == "no markers here\n"  # untouched
