@@ -146,7 +146,7 @@ figures: $(STAMP) notebooks/05_figures.py $(PKG_SRC) ## Redraw every figure and 
 	$(call run_notebooks,notebooks/05_figures.py,one)
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
-	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(PY) $$b; done
+	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) $$b; done
 
 DEVICE       ?= cuda
 DTYPE        ?= bfloat16
