@@ -75,7 +75,7 @@ def main() -> int:
         df.to_csv(out / f"{name}.csv", index=False)
         notes.append(f"{name}.csv: {len(df)} cached runs; missing: {', '.join(missing) or 'none'}")
         print(notes[-1])
-    (out / "README.md").write_text("# Interim runs (read from the cache; the notebooks had not finished)\n\n"
+    (out / "README.md").write_text("# One row per cached run (read from the cache by scripts/interim_runs.py; the notebooks are the results of record)\n\n"
                                    + "\n".join(f"- {n}" for n in notes) + "\n", encoding="utf-8")
     return 0
 
