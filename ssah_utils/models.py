@@ -65,8 +65,18 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
             raise FileNotFoundError(f"local model folder {path} has no config.json (save it with save_pretrained)")
         return "local", str(path)
     if spec.startswith(("/", "./", "../", "~", ".")) or "\\" in spec or not _looks_like_hub_id(spec):
-        raise FileNotFoundError(f"local model path {spec!r} does not exist (and it is not a Hugging Face id org/name)")
+        raise FileNotFoundError(f"local model path {spec!r} does not exist{_build_hint(path)}")
     return "hub", spec
+
+
+def _build_hint(path: Path) -> str:
+    """What to do about a missing local model: the build command of the preset it belongs to, if any."""
+    for p in _config.PRESETS.values():
+        build = p.extra.get("build")
+        if build and str(path) in {p.aligned, p.base, p.unaligned}:
+            return (f": it is preset {p.name!r}'s model; build it with `{build}` (or set $SSAH_MODELS_DIR to the folder "
+                    "that holds the built models)")
+    return " (and it is not a Hugging Face id org/name)"
 
 
 def _looks_like_hub_id(spec: str) -> bool:
