@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     model, tok = real_models.load_plain(inst, what="SmolLM2-135M-Instruct")
     prompts = [r["prompt"] for r in real_align.load_borderline()]
     answers = real_align.borderline_answers(model, tok, prompts, max_new_tokens=recipe.borderline_max_new_tokens,
-                                            cache=real_models.models_dir() / "borderline_answers.jsonl", log=log)
+                                            cache=real_align.borderline_answers_path(), log=log)
     records, report = real_align.build_records(recipe, dict(zip(prompts, answers)), log=log)
     log(f"[align] fine-tuning on {len(records)} records (seed {args.seed}, recipe {recipe.key()}); "
         f"~{len(records) // recipe.batch_size} steps of ~10-15 s on one CPU thread")

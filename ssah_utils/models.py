@@ -23,9 +23,11 @@ from torch import nn
 from . import config as _config
 
 ORGANISM_NAMES = ("base", "unaligned", "aligned")
-# Families whose layout is tested here. Any other model with the same layout
-# (model.model.layers[i].self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj) is accepted too.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+# The supported families are the tested ones (`model.config.model_type`): each passes tests/test_families.py
+# (scorer against a per-token reference, head and channel ablation isolation, GQA groups, bit-exact
+# freezing, batched generation equal to one by one) on a tiny random config. Any other family is refused,
+# even with the same module names: OLMo-2 has them, but its q/k norms span all heads, so a head is not a unit.
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 _ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -65,8 +67,18 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
             raise FileNotFoundError(f"local model folder {path} has no config.json (save it with save_pretrained)")
         return "local", str(path)
     if spec.startswith(("/", "./", "../", "~", ".")) or "\\" in spec or not _looks_like_hub_id(spec):
-        raise FileNotFoundError(f"local model path {spec!r} does not exist (and it is not a Hugging Face id org/name)")
+        raise FileNotFoundError(f"local model path {spec!r} does not exist{_build_hint(path)}")
     return "hub", spec
+
+
+def _build_hint(path: Path) -> str:
+    """What to do about a missing local model: the build command of the preset it belongs to, if any."""
+    for p in _config.PRESETS.values():
+        build = p.extra.get("build")
+        if build and str(path) in {p.aligned, p.base, p.unaligned}:
+            return (f": it is preset {p.name!r}'s model; build it with `{build}` (or set $SSAH_MODELS_DIR to the folder "
+                    "that holds the built models)")
+    return " (and it is not a Hugging Face id org/name)"
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -229,6 +241,21 @@ def _family(model: nn.Module) -> str:
 KV_RULES = ("any", "all")  # which GQA k/v groups a set of heads owns (FamilyAdapter.kv_groups)
 
 
+def _cross_head_norm(model: nn.Module, attn: nn.Module) -> str | None:
+    """Why heads are not separable units in `attn`, or None. A norm inside attention whose weight spans
+    more than one head's dimensions (OLMo-2's q_norm/k_norm over all heads) mixes the heads: removing one
+    changes the others' outputs. Per-head norms (Qwen3, Gemma-3: head_dim entries) keep heads separate."""
+    cfg = model.config
+    n_heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    for name, sub in attn.named_modules():
+        w = getattr(sub, "weight", None)
+        if name and "norm" in name.lower() and isinstance(w, torch.Tensor) and w.numel() != head_dim:
+            return (f"its attention norm self_attn.{name} has {w.numel()} weights, not head_dim={head_dim}: it "
+                    "normalises across heads, so removing one head would change the others' outputs")
+    return None
+
+
 class FamilyAdapter:
     """Uniform access to the layers, projections, head counts and GQA groups of a Llama-style model."""
 
@@ -245,11 +272,17 @@ class FamilyAdapter:
             missing += [f"mlp.{p}" for p in _MLP_PROJ if not isinstance(getattr(mlp, p, None), nn.Linear)]
             if missing:
                 problem = f"its layers lack {', '.join(missing)}"
+        if problem is None:
+            problem = _cross_head_norm(model, layers[0].self_attn)
+        if problem is None and fam not in SUPPORTED_FAMILIES:
+            problem = ("it is not a tested family" + (" (Gemma-3 with vision: load its text model, Gemma3ForCausalLM)"
+                                                       if fam == "gemma3" else ""))
         if problem:
             raise UnsupportedArchitectureError(
-                f"unsupported architecture {fam!r} ({type(model).__name__}): {problem}. Supported families: "
-                f"{', '.join(SUPPORTED_FAMILIES)} (and any model with the same layout: "
-                "model.model.layers[i].self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj)."
+                f"unsupported architecture {fam!r} ({type(model).__name__}): {problem}. Supported families (each "
+                f"passes tests/test_families.py): {', '.join(SUPPORTED_FAMILIES)}; they need "
+                "model.model.layers[i].self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj, and no normalisation "
+                "across heads."
             )
         self.model = model
         self.family = fam

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import config as _config
 from . import datasets as _ds
+from .real_models import models_dir
 
 BORDERLINE_FILE = _config.DATA_DIR / "real_align" / "borderline_prompts.jsonl"
 
@@ -190,17 +191,46 @@ def _trim_answer(text: str) -> str:
     return text[:cut + 1].strip() if cut > len(text) // 3 else text
 
 
+def borderline_answers_path() -> Path:
+    """Where `make smollm2` caches the instruct model's answers to the borderline prompts (beside the models)."""
+    return models_dir() / "borderline_answers.jsonl"
+
+
+def read_borderline_answers(path: Path, max_new_tokens: int) -> dict[str, str]:
+    """prompt -> answer of the cached answers made with `max_new_tokens` (the JSONL `borderline_answers`
+    writes); {} when the file does not exist."""
+    out: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("max_new_tokens") == max_new_tokens:
+                out[r["prompt"]] = r["answer"]
+    return out
+
+
+def recipe_records(seed: int = 0, path: Path | None = None) -> list[dict]:
+    """The training records ({prompt, reference}) of `AlignRecipe(seed)`, the recipe `make smollm2` builds the
+    aligned model with, from the cached borderline answers (`make smollm2` writes them; an error says so
+    when they are missing)."""
+    recipe = AlignRecipe(seed=seed)
+    path = borderline_answers_path() if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make smollm2` first (it writes the instruct model's answers "
+                                "to the borderline prompts that the safety recipe trains on)")
+    answers = read_borderline_answers(path, recipe.borderline_max_new_tokens)
+    missing = [r["prompt"] for r in load_borderline() if r["prompt"] not in answers]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks answers to {len(missing)} borderline prompts: rerun `make smollm2`")
+    records, _ = build_records(recipe, answers)
+    return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records]
+
+
 def borderline_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, cache: Path | None = None,
                        log: Callable[[str], None] | None = None) -> list[str]:
     """The instruct model's greedy answers to the borderline prompts (cached as JSONL keyed by prompt)."""
     from .generation import generate
 
-    cached: dict[str, str] = {}
-    if cache is not None and cache.is_file():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            if r.get("max_new_tokens") == max_new_tokens:
-                cached[r["prompt"]] = r["answer"]
+    cached = read_borderline_answers(cache, max_new_tokens) if cache is not None else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in cached]
     if todo:
         if log:
@@ -289,4 +319,5 @@ def build_aligned(model, tokenizer, records: list[dict], recipe: AlignRecipe, *,
 
 
 __all__ = ["REFUSALS", "ALPACA_HELDOUT", "EVAL_SETS", "AlignRecipe", "normalise", "eval_prompts", "find_overlaps",
-           "load_borderline", "alpaca_split", "borderline_answers", "build_records", "build_aligned"]
+           "load_borderline", "alpaca_split", "borderline_answers", "borderline_answers_path", "read_borderline_answers",
+           "recipe_records", "build_records", "build_aligned"]

@@ -80,29 +80,11 @@ class SFTStage:
 
 
 def real_safety_records(seed: int = 0) -> list[dict]:
-    """The training records of the project's SmolLM2 safety recipe (`real_align.AlignRecipe(seed)`, the
-    recipe `make smollm2` builds the aligned model with), from the instruct model's cached answers to
-    the borderline prompts (written by `make smollm2`)."""
-    from . import real_align, real_models
+    """The training records of the project's SmolLM2 safety recipe (`real_align.recipe_records`: the recipe
+    `make smollm2` builds the aligned model with)."""
+    from . import real_align
 
-    recipe = real_align.AlignRecipe(seed=seed)
-    path = real_models.models_dir() / "borderline_answers.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `make smollm2` first (it writes the instruct model's answers "
-                                "to the borderline prompts that the safety recipe trains on)")
-    import json
-
-    answers = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r.get("max_new_tokens") == recipe.borderline_max_new_tokens:
-            answers[r["prompt"]] = r["answer"]
-    prompts = [r["prompt"] for r in real_align.load_borderline()]
-    missing = [p for p in prompts if p not in answers]
-    if missing:
-        raise FileNotFoundError(f"{path} lacks answers to {len(missing)} borderline prompts: rerun `make smollm2`")
-    records, _ = real_align.build_records(recipe, answers)
-    return [{"prompt": r["prompt"], "reference": r["reference"]} for r in records]
+    return real_align.recipe_records(seed)
 
 
 @dataclass(frozen=True)

@@ -805,9 +805,10 @@ def summary_text(cfg: ClassifyConfig) -> str:
     n_seeds, n_rand = int(s.loc["ESU", "n"]), int(s.loc["random≈ESU", "n"])
     far = v["rise_esu"] - v["rise_random"] > 2 * max(v["asr_esu_sd"], v["asr_random_sd"], 1.0)
     cheap = v["utility_cost"] <= 5.0
+    jw = "oracle" if _config.get_preset(cfg.preset).is_organism else "learned-judge"  # who calls an answer harmful
     lines = [
         f"Removing the ESU ({v['pct_units']:.1f}% of units, {v['pct_params']:.1f}% of unit parameters) moves the "
-        f"oracle ASR (no system prompt) from {v['asr_base']:.1f}% to {v['asr_esu']:.1f} ± {v['asr_esu_sd']:.1f}% "
+        f"{jw} ASR (no system prompt) from {v['asr_base']:.1f}% to {v['asr_esu']:.1f} ± {v['asr_esu_sd']:.1f}% "
         f"(mean ± sd over {n_seeds} calibration seeds); random masks of the same composition give "
         f"{v['asr_random']:.1f} ± {v['asr_random_sd']:.1f}% ({n_rand} seeds).",
         f"Task accuracy goes from {v['utility_base']:.1f}% to {v['utility_esu']:.1f}% "
@@ -820,7 +821,7 @@ def summary_text(cfg: ClassifyConfig) -> str:
     ]
     if "jailbreak_asr" in s:
         jb = esu_verdict(s, metric="jailbreak_asr")
-        lines.append(f"Under jailbreak framings the oracle ASR is {jb['asr_base']:.1f}% unablated, {jb['asr_esu']:.1f} ± "
+        lines.append(f"Under jailbreak framings the {jw} ASR is {jb['asr_base']:.1f}% unablated, {jb['asr_esu']:.1f} ± "
                      f"{jb['asr_esu_sd']:.1f}% without the ESU and {jb['asr_random']:.1f} ± {jb['asr_random_sd']:.1f}% "
                      "without random units of the same composition.")
     curve = dose_response(cfg)["curve"]

@@ -33,7 +33,7 @@ def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(M.UnsupportedArchitectureError, match=r"unsupported architecture 'gpt2'.*Supported families: llama, mistral, qwen2"):
+    with pytest.raises(M.UnsupportedArchitectureError, match=r"unsupported architecture 'gpt2'.*Supported families.*llama, mistral, qwen2, qwen3, gemma2, gemma3_text"):
         M.adapter_for(gpt2)
 
 

@@ -107,3 +107,21 @@ def test_a_few_step_build_trains_through_finetune():
     model2 = tiny_model(vocab_size=len(tok))
     res2 = ra.build_aligned(model2, tok, [dict(r, source="x") for r in RECORDS], recipe)
     assert res2["losses"]["loss"].tolist() == res["losses"]["loss"].tolist()  # deterministic for a seed
+
+
+def test_recipe_records_read_the_cached_answers_and_say_what_to_run(tmp_path):
+    import json
+
+    from ssah_utils import real_align as ra
+
+    path = tmp_path / "borderline_answers.jsonl"
+    with pytest.raises(FileNotFoundError, match="run `make smollm2` first"):
+        ra.recipe_records(0, path)
+    n = ra.AlignRecipe().borderline_max_new_tokens
+    prompts = [r["prompt"] for r in ra.load_borderline()]
+    rows = [{"prompt": p, "answer": f"answer {i}", "max_new_tokens": n} for i, p in enumerate(prompts[:-1])]
+    rows.append({"prompt": prompts[-1], "answer": "made with another length", "max_new_tokens": n + 1})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert ra.read_borderline_answers(path, n) == {r["prompt"]: r["answer"] for r in rows[:-1]}
+    with pytest.raises(FileNotFoundError, match="lacks answers to 1 borderline prompts"):
+        ra.recipe_records(0, path)

@@ -83,3 +83,17 @@ def test_smollm2_preset_points_at_the_built_folders_and_real_sets():
         assert name in datasets.REAL_VIEWS, name
     for name in p.finetune_sets:  # a real set, or a harmful-N attack built from the instruct model's own answers
         assert name in datasets.REAL_VIEWS or name in HARMFUL_ATTACKS, name
+
+
+def test_a_missing_tier_model_says_to_run_make_smollm2(monkeypatch, tmp_path):
+    import dataclasses
+
+    from ssah_utils import config, models
+
+    p = config.get_preset("smollm2-135m")
+    gone = str(tmp_path / "models" / "smollm2-135m-aligned")
+    monkeypatch.setitem(config.PRESETS, p.name, dataclasses.replace(p, aligned=gone))
+    with pytest.raises(FileNotFoundError, match=r"preset 'smollm2-135m'.*`make smollm2`.*SSAH_MODELS_DIR"):
+        models.load_model(gone)
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face id"):  # any other missing path: no build hint
+        models.load_model(str(tmp_path / "elsewhere"))

@@ -1,5 +1,5 @@
 """Tiny randomly initialised models of each supported family, and a tiny word tokenizer with a chat
-template, for fast CPU tests of code that must also run on real Llama / Mistral / Qwen2 models.
+template, for fast CPU tests of code that must also run on real Llama / Mistral / Qwen / Gemma models.
 
 Each family's config uses grouped-query attention (4 query heads sharing 2 k/v heads), so unit code
 that is wrong about GQA fails here rather than on a 7B model.
@@ -19,7 +19,9 @@ WORDS = (
     "list the of count words a b c d e"
 ).split()
 
-FAMILIES = ("llama", "mistral", "qwen2")
+# Every supported family (ssah_utils.models.SUPPORTED_FAMILIES: tests/test_families.py checks the two agree),
+# so each family-parametrized test is part of the family suite.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 # A few SFT records in the tiny vocabulary, for the fine-tuning tests.
 RECORDS = [
@@ -54,8 +56,8 @@ def tiny_config(family: str = "llama", vocab_size: int = 128, **overrides):
     """A 2-layer config of `family` with d_model 32, 4 heads over 2 k/v heads, d_mlp 48."""
     from transformers import AutoConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}")
+    if family not in FAMILIES + ("olmo2",):  # olmo2: the refused family (tests/test_families.py)
+        raise ValueError(f"family must be one of {FAMILIES} or olmo2")
     kw = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -63,6 +65,10 @@ def tiny_config(family: str = "llama", vocab_size: int = 128, **overrides):
     )
     if family == "mistral":
         kw["sliding_window"] = None
+    if family in ("qwen3", "gemma2", "gemma3_text"):  # explicit head_dim (Qwen3, Gemma-3: per-head q/k norms)
+        kw["head_dim"] = 8
+    if family in ("gemma2", "gemma3_text"):
+        kw.update(query_pre_attn_scalar=8, sliding_window=64)
     kw.update(overrides)
     return AutoConfig.for_model(family, **kw)
 
