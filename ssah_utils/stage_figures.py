@@ -494,15 +494,24 @@ def _missing(sec: Section) -> str:
 RULE_CONTRAST = "difference beyond {k:g} × the larger sd (sd floored at {f:g} point)"
 
 
-def _is_real(cfg) -> bool:
-    """A real tier (a preset that measures WikiText-2 perplexity): its harmful verdicts come from the learned
-    judge, not an oracle, and its utility is perplexity, because GSM8K is near 0 at 135M and says nothing."""
-    preset = getattr(cfg, "preset", None)  # None: no config (a notebook not run), or a hand-made one
-    return preset is not None and int(_config.get_preset(preset).extra.get("wikitext_windows", 0)) > 0
+def _preset(cfg):
+    """The preset of a stage config, or None (no config: a notebook not run; or a hand-made one)."""
+    name = getattr(cfg, "preset", None)
+    return None if name is None else _config.get_preset(name)
+
+
+def _ppl_utility(cfg) -> bool:
+    """Utility is WikiText-2 perplexity on a preset that measures it (the CPU real tier), because GSM8K is
+    near 0 for every condition of a 135M model and would make "utility unchanged" hold trivially."""
+    p = _preset(cfg)
+    return p is not None and int(p.extra.get("wikitext_windows", 0)) > 0
 
 
 def _asr_word(cfg) -> str:
-    return "judged ASR" if _is_real(cfg) else "oracle ASR"
+    """Who calls an answer harmful: the world's oracle on the organism, the learned judge on real models
+    (the rule the stage summaries use)."""
+    p = _preset(cfg)
+    return "oracle ASR" if p is None or p.is_organism else "judged ASR"
 
 
 def _with_ppl_rise(summary: pd.DataFrame | None, ref: str) -> pd.DataFrame | None:
@@ -564,7 +573,7 @@ def _classify_claims(sec: Section, paper: dict) -> list[dict]:
     s = sec.results.get("summary") if sec.ok else None
     rule = RULE_CONTRAST.format(k=K_SD, f=SD_FLOOR)
     asr = _asr_word(sec.cfg)
-    if _is_real(sec.cfg):  # utility = WikiText-2 perplexity, as the rise over the unablated model (%): higher = worse
+    if _ppl_utility(sec.cfg):  # utility = WikiText-2 perplexity, as the rise over the unablated model (%): higher = worse
         s = _with_ppl_rise(s, "none")
         umetric, ucost, uwhat = "ppl_rise", "higher", "WikiText-2 perplexity rise"
     else:
@@ -656,7 +665,7 @@ def _budget_claims(sec: Section, paper: dict) -> list[dict]:
             rows.append(_row(cid, claim, "Sec 6, Table 4", paper[cid], rule, {"verdict": UNTESTABLE}, "-", "-",
                              note="condition not run (`conditions`)"))
             continue
-        if _is_real(sec.cfg):  # the tax in WikiText-2 perplexity (% rise over the base): GSM8K is ~0 here
+        if _ppl_utility(sec.cfg):  # the tax in WikiText-2 perplexity (% rise over the base): GSM8K is ~0 here
             res = contrast(_with_ppl_rise(s, "base"), "ru_only", b, "ppl_rise", expect="lower")
             unit, what = "%", "tax (WikiText-2 perplexity rise over the base)"
         else:

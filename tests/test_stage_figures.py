@@ -383,3 +383,14 @@ def test_real_tier_scorecard_measures_utility_by_perplexity_and_names_the_judge(
     org = pd.DataFrame(sfig._classify_claims(sfig.Section("classify", "02_classify", cfg=SimpleNamespace(
         preset="organism"), results={"summary": s}), sfig._paper_texts())).set_index("id")
     assert org.loc["euu_utility", "run"].startswith("task accuracy") and org.loc["esu_asr", "run"].startswith("oracle")
+
+
+def test_a_gpu_real_preset_names_the_judged_asr_and_keeps_task_accuracy():
+    """llama2-7b-chat measures no WikiText windows here: its utility stays task accuracy, but it has no oracle."""
+    s = pd.DataFrame({"n": [1, 2, 2, 2, 2], "asr": [3.0, 50.0, 0.0, 1.0, 2.0], "asr_sd": 0.0,
+                      "utility": [40.0, 38.0, 39.0, 5.0, 35.0], "utility_sd": 0.0},
+                     index=["none", "ESU", "random≈ESU", "EUU", "random≈EUU"])
+    card = pd.DataFrame(sfig._classify_claims(sfig.Section("classify", "02_classify", cfg=SimpleNamespace(
+        preset="llama2-7b-chat"), results={"summary": s}), sfig._paper_texts())).set_index("id")
+    assert card.loc["esu_asr", "run"].startswith("judged ASR")
+    assert card.loc["euu_utility", "run"].startswith("task accuracy")
