@@ -119,6 +119,23 @@ def encode_pairs(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def without_final_eos(enc: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
+    """`enc` (from `encode_pairs`) with each response's closing eos token taken out of `response_mask`
+    (the token stays in the input: it is last, so no other position sees it). A row truncated before its
+    eos keeps its mask; a row whose response is only the eos is an error (nothing would be left)."""
+    resp = enc["response_mask"].clone()
+    for i in range(resp.shape[0]):
+        pos = resp[i].nonzero().squeeze(1)
+        if pos.numel() == 0:
+            raise ValueError(f"row {i} has no response token")
+        last = int(pos[-1])
+        if int(enc["input_ids"][i, last]) == int(eos_id):
+            if pos.numel() == 1:
+                raise ValueError(f"row {i}: the response is only its eos; nothing is left to score without it")
+            resp[i, last] = 0
+    return {**enc, "response_mask": resp}
+
+
 def encode_prompts(
     tokenizer,
     prompts: Sequence[str],

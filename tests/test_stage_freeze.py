@@ -103,7 +103,7 @@ def test_label_model_on_the_configs_own_model_equals_its_labels(tmp_path, monkey
     give exactly 02's cached labels (same pairs, scorer, h and rule)."""
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
     torch.set_num_threads(1)
-    for variant in ("authors", "plain"):
+    for variant in ("authors", "plain", "flap"):
         c = dataclasses.replace(sc.make_config("organism", n_calib=16, n_calib_seeds=1, n_eval=6), wifv_variant=variant)
         model, tok = sc.load(c)
         want = sc.labels(c)
