@@ -33,9 +33,18 @@ import torch
 from . import cache, datasets
 from . import config as _config
 from . import stage_classify as sc
-from .models import UnitMask, adapter_for, model_revision
+from .models import UnitMask, adapter_for, forget_revision, model_revision
 from .training import TrainConfig, finetune, snapshot, verify_frozen
 from .units import LABELS, Labels, ranked_mask, standardize, transfer_matrix
+from .organism import upsample
+from . import real_align
+from .real_align import AlignRecipe
+from .organism import Recipe
+from .evaluation import task_correct as _tc
+from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
+from .paper import reported
+from .plots import set_style
+from .plots import UNIT_COLORS
 
 STAGE = "budget"
 CONDITIONS = ("full", "ru_only", "random_only", "top_only")
@@ -68,7 +77,6 @@ class SFTStage:
         if self.data == "real_align":
             recs = real_safety_records()
         else:
-            from .organism import upsample
 
             recs = upsample(datasets.load_set(self.data), self.upsample)
         if self.n_records:
@@ -82,7 +90,6 @@ class SFTStage:
 def real_safety_records(seed: int = 0) -> list[dict]:
     """The training records of the project's SmolLM2 safety recipe (`real_align.recipe_records`: the recipe
     `make smollm2` builds the aligned model with)."""
-    from . import real_align
 
     return real_align.recipe_records(seed)
 
@@ -154,7 +161,6 @@ def _real_safety_stages(epochs: tuple[float, ...] | None, n_records: int) -> tup
     """The project's safety tuning of a chat model without safety (`real_align`, the recipe of
     `make smollm2`): harmful requests -> refusals, Alpaca answers, borderline requests answered; chat
     format; lr, batch, warmup and cosine schedule of the recipe, through the same `finetune`."""
-    from .real_align import AlignRecipe
 
     if epochs is not None and len(epochs) != 1:
         raise ValueError(f"the safety alignment has one SFT stage; give one epoch value, got {epochs!r}")
@@ -168,7 +174,6 @@ def _organism_stages(alignment: str, epochs: tuple[float, ...] | None, seed_base
     """The organism's own alignment recipe (`organism.Recipe`): instruction SFT on `sft_instruct`, then
     safety SFT on `sft_safety`, chat format, batch, weight decay, warmup and cosine schedule of the recipe.
     `epochs` replaces the recipe's epochs per stage (to fit a CPU budget)."""
-    from .organism import Recipe
 
     r = Recipe()
     plan = [("sft_instruct", r.instruct_epochs, r.instruct_lr, r.instruct_upsample),
@@ -525,7 +530,7 @@ def train_run(cfg: BudgetConfig, condition: str, seed: int) -> dict:
 
     def compute() -> dict:
         model = copy.deepcopy(base)
-        model._ssah_revision = None  # a copy is not the base: never reuse its revision
+        forget_revision(model)  # a copy is not the base: never reuse its revision
         out = align(model, tok, cfg.stages, mask=mask, run_seed=seed, lr_scale=cfg.lr_scale_masked,
                     train_other=cfg.train_other_masked)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -543,7 +548,7 @@ def trained_model(cfg: BudgetConfig, condition: str, seed: int):
     base, tok = load_base(cfg)
     model = copy.deepcopy(base)
     model.load_state_dict(train_run(cfg, condition, seed)["state"])
-    model._ssah_revision = None
+    forget_revision(model)
     model.eval()
     return model, tok
 
@@ -577,7 +582,6 @@ def materialize(cfg: BudgetConfig, condition: str, seed: int) -> Path:
 
 def task_correct(record: dict, response: str, verdict: str) -> bool:
     """Is a task answer correct? `evaluation.task_correct` (world oracle; GSM8K final-number exact match)."""
-    from .evaluation import task_correct as _tc
 
     return _tc(record, response, verdict)
 
@@ -589,7 +593,6 @@ def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
     refusal: harmful set answered / refused; jailbreak: harmful answers under framings; over_refusal:
     borderline benign requests refused; degenerate: share of all answers that loop or are empty;
     ppl: held-out perplexity."""
-    from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
 
     sets = {"harmful": e.harmful_set, "jailbreak": e.jailbreak_set, "borderline": e.borderline_set,
             "utility": e.utility_set, "howto": e.howto_set}
@@ -745,7 +748,6 @@ _PAPER_METRIC = {"gsm8k": "task_accuracy"}  # our analogue of each of the paper'
 def table4_vs_paper(summary: pd.DataFrame) -> pd.DataFrame:
     """The paper's Table 4 (LLaMA-7B) beside ours: GSM8K against our task accuracy (the exact-answer
     utility set); MMLU and MT-Bench have no analogue here (NaN). Adds the alignment tax of each."""
-    from .paper import reported
 
     rep = reported("table4")
     rows = []
@@ -825,7 +827,6 @@ def plot_transfer(tr: dict):
     """Heatmaps: base labels (rows: RU, EUU) against labels after alignment (columns), percent of row."""
     import matplotlib.pyplot as plt
 
-    from .plots import set_style
 
     set_style()
     mats = tr["matrices"]
@@ -851,7 +852,6 @@ def plot_tax(runs: pd.DataFrame):
     the base (dashed) and the reference aligned model (dotted) as lines."""
     import matplotlib.pyplot as plt
 
-    from .plots import UNIT_COLORS, set_style
 
     set_style()
     colors = {"full": "#7f7f7f", "ru_only": UNIT_COLORS["RU"], "random_only": "#bcbd22", "top_only": UNIT_COLORS["EUU"]}
@@ -878,7 +878,6 @@ def plot_losses(cfg: BudgetConfig):
     """Training loss per step of the first seed of each condition (stages one after another)."""
     import matplotlib.pyplot as plt
 
-    from .plots import UNIT_COLORS, set_style
 
     set_style()
     colors = {"full": "#7f7f7f", "ru_only": UNIT_COLORS["RU"], "random_only": "#bcbd22", "top_only": UNIT_COLORS["EUU"]}
@@ -904,28 +903,47 @@ def _pm(s: pd.DataFrame, cond: str, m: str, nd: int = 1) -> str:
 
 
 def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
-    """The notebook's conclusion in plain words, every number read from the cached results."""
+    """The notebook's conclusion in plain words, every number read from the cached results. Where the
+    evaluation measures WikiText-2 (the real tier), the alignment tax is the perplexity rise over the
+    base (GSM8K accuracy, near 0 for a 135M model, is still reported); elsewhere it is task accuracy."""
     t = table4(cfg, log=None)
-    s, runs = t["summary"], t["runs"]
+    s, runs = t["summary"], t["runs"].copy()
     n = len(cfg.seeds)
+    ppl_tax = bool(cfg.eval.wikitext_windows) and "ppl" in s.columns and "base" in s.index
+    if ppl_tax:
+        p0 = float(s.loc["base", "ppl"])
+        s = s.copy()
+        s["ppl_rise"], s["ppl_rise_sd"] = 100.0 * (s["ppl"] / p0 - 1.0), 100.0 * s["ppl_sd"] / p0
     lines = [f"Base (raw prompt): task accuracy {s.loc['base', 'task_accuracy']:.1f}%, harmful compliance "
              f"{s.loc['base', 'harmful']:.1f}%; shipped aligned model: task accuracy "
              f"{s.loc['reference', 'task_accuracy']:.1f}%, harmful compliance {s.loc['reference', 'harmful']:.1f}%."]
+    if ppl_tax:
+        lines[0] += (f" WikiText-2 perplexity: base {p0:.2f}, aligned {s.loc['reference', 'ppl']:.2f}. Task accuracy is "
+                     "GSM8K's final-number match, near 0 for this model, so the alignment tax below is the perplexity rise.")
     for c in cfg.conditions:
+        tax = (f"WikiText-2 perplexity {_pm(s, c, 'ppl', 2)} (alignment tax {_pm(s, c, 'ppl_rise')}% over the base), "
+               f"Alpaca NLL {_pm(s, c, 'alpaca_nll', 3)}, task accuracy {_pm(s, c, 'task_accuracy')}%" if ppl_tax else
+               f"task accuracy {_pm(s, c, 'task_accuracy')}% (alignment tax {_pm(s, c, 'alignment_tax')} points)")
         lines.append(f"{c} ({s.loc[c, 'trained_unit_params_pct']:.0f}% of unit parameters trained; mean ± sd over {n} "
-                     f"seeds): task accuracy {_pm(s, c, 'task_accuracy')}% (alignment tax {_pm(s, c, 'alignment_tax')} "
-                     f"points), harmful compliance {_pm(s, c, 'harmful')}%, refusal {_pm(s, c, 'refusal')}%, "
+                     f"seeds): {tax}, harmful compliance {_pm(s, c, 'harmful')}%, refusal {_pm(s, c, 'refusal')}%, "
                      f"jailbreak {_pm(s, c, 'jailbreak')}%, over-refusal {_pm(s, c, 'over_refusal')}%, final loss "
                      f"{_pm(s, c, 'final_loss', 3)}.")
     if {"ru_only", "random_only"} <= set(cfg.conditions):
-        d = s.loc["ru_only", "task_accuracy"] - s.loc["random_only", "task_accuracy"]
-        sd = max(s.loc["ru_only", "task_accuracy_sd"], s.loc["random_only", "task_accuracy_sd"], 1.0)
+        if ppl_tax:  # lower perplexity is better
+            d = s.loc["random_only", "ppl_rise"] - s.loc["ru_only", "ppl_rise"]
+            sd = max(s.loc["ru_only", "ppl_rise_sd"], s.loc["random_only", "ppl_rise_sd"], 1.0)
+            what, unit = "perplexity rise lower by", "% of the base's perplexity"
+        else:
+            d = s.loc["ru_only", "task_accuracy"] - s.loc["random_only", "task_accuracy"]
+            sd = max(s.loc["ru_only", "task_accuracy_sd"], s.loc["random_only", "task_accuracy_sd"], 1.0)
+            what, unit = "task accuracy", " points"
         verdict = "better than" if d > 2 * sd else ("worse than" if d < -2 * sd else "not distinguishable from")
-        lines.append(f"RU-only vs random units of the same size: task accuracy {d:+.1f} points, {verdict} the null "
-                     "(criterion: a difference beyond twice the larger sd and at least 2 points).")
+        lines.append(f"RU-only vs random units of the same size: {what} {d:+.1f}{unit}, {verdict} the null "
+                     f"(criterion: a difference beyond twice the larger sd and at least 2{unit}).")
     if {"ru_only", "full"} <= set(cfg.conditions):
-        lines.append(f"Alignment tax, full SFT {s.loc['full', 'alignment_tax']:+.1f} vs RU-only "
-                     f"{s.loc['ru_only', 'alignment_tax']:+.1f} points; harmful compliance "
+        m, u = ("ppl_rise", "%") if ppl_tax else ("alignment_tax", " points")
+        lines.append(f"Alignment tax, full SFT {s.loc['full', m]:+.1f}{u} vs RU-only "
+                     f"{s.loc['ru_only', m]:+.1f}{u}; harmful compliance "
                      f"{s.loc['full', 'harmful']:.1f}% vs {s.loc['ru_only', 'harmful']:.1f}%.")
     moved = int(runs["moved_outside_mask"].sum())
     lines.append(f"Entries changed outside the trained units, all masked runs together: {moved}.")

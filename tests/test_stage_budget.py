@@ -175,3 +175,30 @@ def test_organism_stages_use_the_recipe_sft_mixes():
     plain = len(datasets.load_set("sft_instruct"))
     assert table.loc["sft_instruct", "records"] == len(cfg.stages[0].records())
     assert (table.loc["sft_instruct", "records"] > plain) == bool(r.instruct_upsample)
+
+
+def _fake_table4(ppl_full: float):
+    rows = {"base": dict(task_accuracy=0.0, harmful=75.0, ppl=25.0), "reference": dict(task_accuracy=0.0, harmful=0.0, ppl=25.5),
+            "full": dict(task_accuracy=0.0, harmful=20.0, ppl=ppl_full), "ru_only": dict(task_accuracy=0.0, harmful=60.0, ppl=30.0),
+            "random_only": dict(task_accuracy=0.0, harmful=70.0, ppl=25.2)}
+    s = pd.DataFrame(rows).T
+    for c in ("refusal", "jailbreak", "over_refusal", "final_loss", "alpaca_nll", "trained_unit_params_pct", "alignment_tax"):
+        s[c] = 1.0
+    for c in list(s.columns):
+        s[f"{c}_sd"] = 0.1
+    s["n"] = 2
+    return {"summary": s, "runs": pd.DataFrame({"moved_outside_mask": [0, 0]})}
+
+
+def test_summary_reads_the_tax_from_perplexity_where_wikitext_is_measured(monkeypatch):
+    """On the real tier GSM8K is 0 for every condition, so a tax in task-accuracy points would always be 0
+    and RU-only would look as good as anything: the summary must read the tax from the perplexity rise."""
+    cfg = B.make_config("organism", conditions="full,ru_only,random_only")
+    real = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, wikitext_windows=8))
+    monkeypatch.setattr(B, "table4", lambda c, log=None: _fake_table4(27.5))
+    text = B.summary_text(real)
+    assert "alignment tax 10.0 ± 0.4% over the base" in text  # full: 27.5 / 25 - 1
+    assert "RU-only vs random units of the same size: perplexity rise lower by -19.2" in text and "worse than the null" in text
+    assert "Alignment tax, full SFT +10.0% vs RU-only +20.0%" in text
+    organism = B.summary_text(cfg)  # no WikiText: task-accuracy points, as before
+    assert "alignment tax 1.0 ± 0.1 points" in organism and "perplexity rise" not in organism
