@@ -45,7 +45,8 @@ n_calib = 128  # calibration pairs per set and draw (paper: 128)
 n_calib_seeds = 3  # calibration draws: the error bars of the ESU/EUU/RU rows
 safety_responses = "model"  # "model": the aligned model's own refusals (paper); "reference": the set's refusals
 scorer = "wifv"  # unit importance used for the labels: wifv (paper), wanda or snip
-wifv_variant = "authors"  # "authors": z-score o_proj channels (WIFV squared), then mean per head; "plain": mean, then z
+wifv_variant = "authors"  # "authors": z-score o_proj channels (WIFV squared), then mean per head; "plain": mean, then z; "flap": the authors' streaming statistics and thresholds
+score_eos = True  # score each calibration answer's closing eos token (the authors' calibration text has none)
 bias_from = "safety"  # calibration tokens whose mean feeds FLAP bias compensation: safety (authors' code), utility, both, none
 n_random_seeds = 3  # random masks of each category's composition (the null)
 n_eval = 192  # prompts per evaluation set (a seeded sample; borderline_test has 64)
@@ -61,7 +62,7 @@ config.seed_everything(seed)
 cfg = sc.make_config(preset, model or None, seed, h0=h0, h1=h1, h2=h2, threshold_rule=threshold_rule, wifv_variant=wifv_variant,
                      n_calib=n_calib, n_calib_seeds=n_calib_seeds, safety_responses=safety_responses, scorer=scorer,  # preset via config.get_preset
                      bias_from=bias_from, n_random_seeds=n_random_seeds, n_eval=n_eval, n_dose=n_dose,
-                     batch_size=batch_size or None)
+                     batch_size=batch_size or None, score_eos=score_eos)
 model_obj, tokenizer = sc.load(cfg)  # loaded once; every step below reuses it
 config.print_env_report()
 print(cfg)
@@ -202,6 +203,31 @@ stab.pivot(index="comparison", columns="label", values="jaccard").round(2)
 # halves. Different scorers measure different things (variance vs magnitude vs gradient), so their overlap
 # says how much the conclusion depends on the paper's choice of WIFV.
 #
+# ### The authors' own estimator
+# The labels above use the authors' z-scores and head pooling on the **exact** token variance of each input
+# channel. The authors' code gathers that variance with FLAP's streaming layer wrapper, whose arithmetic differs:
+# it feeds one sample at a time and averages per-sample means (a short answer weighs what a long one does), the
+# first sample adds nothing, its "old" mean aliases the updated one, and it accumulates in float32; its global
+# threshold keeps a unit only strictly above the threshold's score, with a head weighed as `int(4·head_dim/3)`
+# MLP channels (their 512/3 for Llama-2-7B). Their calibration answers also end without an eos token.
+# `wifv_variant = "flap"` reproduces all of that (`ssah_utils.flap`, tested against a closed form of the
+# recursion). How far are its labels from the default's, per label (Jaccard by units, mean and sd over the
+# calibration draws), beside two references: the eos token alone, and the same samples fed in reverse order
+# (FLAP's estimator depends on the order of the samples; the exact variance does not)?
+
+# %%
+estimators = sc.estimator_comparison(cfg)
+est_table = sc.estimator_table(estimators)
+plots.save_table(est_table, "table1_classify_estimators")
+est_table.round(2)
+
+# %% [markdown]
+# The default stays the exact variance: it is the quantity the paper defines (the variance of a channel's input
+# over the calibration tokens), it does not depend on the order of the samples or drop the first one, and it
+# weighs every token alike. Where `flap_vs_authors` is about as far from 1 as `flap_reversed_vs_flap`, the
+# difference is no larger than the one the order of the authors' own samples makes; `units_relabelled_pct` says
+# what share of all units change label.
+#
 # ## 5. Dose-response
 # Remove growing shares of parameters in the order of each ranking (ESU-like: highest $I_S-I_U$; EUU-like:
 # lowest $I_S-I_U$; RU-like: lowest $I_S+I_U$; random order, mean ± sd over seeds) and measure oracle ASR, the
@@ -226,7 +252,63 @@ print(sc.summary_text(cfg))
 # %% [markdown]
 # "Far more" means: the ESU rise in ASR exceeds the random-control rise by more than twice the larger of the two
 # standard deviations (and at least 2 points); "small utility cost" means at most 5 points of task accuracy.
-#
+
+# %% [markdown]
+# ## Exercises
+# Write the piece of the method that each exercise names, then run the cell below it: `course.check` runs your
+# function against the package's reference on small inputs and says what is wrong, with a hint. The student
+# copies (`make course`, `course/student/`) hold a stub in place of each answer.
+
+# %%
+import torch
+
+from ssah_utils import course
+
+# %% [markdown] tags=["exercise"]
+# ### E4 · WIFV of one layer (medium, about 10 min)
+# Write `wifv_channel_scores(x, weight)`: for the inputs `x` (`[tokens, d_in]`) of an output projection with weight
+# `[d_out, d_in]`, the score of input channel j is the variance of x_j over tokens times ‖W[:, j]‖² (section 2).
+
+# %% tags=["solution"]
+def wifv_channel_scores(x, weight):
+    return x.double().var(0, unbiased=False) * weight.double().pow(2).sum(0)
+
+
+# %%
+course.check("E4", wifv_channel_scores)
+
+# %% [markdown] tags=["exercise"]
+# ### E5 · A parameter-weighted threshold (medium, about 15 min)
+# The shares h0, h1, h2 count parameters, not units. Write `take_by_params(order, params, fraction)`: a bool mask of
+# the prefix of the ranking `order` whose parameters add up closest to `fraction` of all parameters (on a tie the
+# shorter prefix; the empty prefix is allowed).
+
+# %% tags=["solution"]
+def take_by_params(order, params, fraction):
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), params[order].double().cumsum(0)])
+    n = int(torch.argmin((cum - fraction * params.double().sum()).abs()))
+    mask = torch.zeros(len(order), dtype=torch.bool)
+    mask[order[:n]] = True
+    return mask
+
+
+# %%
+course.check("E5", take_by_params)
+
+# %% [markdown] tags=["exercise"]
+# ### E6 · Removing a unit with bias compensation (medium, about 10 min)
+# Removing input channels of a projection W and adding a bias makes them act as if they sat at their mean
+# activation. Write `compensation_bias(weight, removed, mean)` for a bool mask `removed` over the inputs.
+
+# %% tags=["solution"]
+def compensation_bias(weight, removed, mean):
+    return weight[:, removed] @ mean[removed]
+
+
+# %%
+course.check("E6", compensation_bias)
+
+# %% [markdown]
 # ## Questions for a student
 # 1. The thresholds weigh units by parameters. How would the ESU set change if `h1` counted units instead? Try
 #    `h1 = 0.02` and compare the layer map.

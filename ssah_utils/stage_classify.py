@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -27,12 +27,18 @@ from . import cache
 from . import config as _config
 from . import datasets
 from .ablation import ablate
+from .flap import flap_labels, flap_stats, flap_z
 from .nbparams import notebook_params
 from .models import UnitMask, adapter_for, load_model, model_revision
 from .units import (LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups,
                     wifv_authors_z)
+from . import evaluation
+from .generation import encode_pairs, without_final_eos
+from .plots import UNIT_COLORS, set_style
+from .paper import reported
 
 STAGE = "classify"
+WIFV_VARIANTS = ("authors", "plain", "flap")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class CalibConfig:
     max_new_tokens: int = 48  # for generating the model's own refusals
     max_length: int = 256
     batch_size: int = 32
+    # False: each response's closing eos is not scored (the authors' calibration text has none); not printed
+    score_eos: bool = field(default=True, repr=False)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,8 @@ class ClassifyConfig:
     dtype: str = "float32"
     device: str = "auto"
     scorer: str = "wifv"  # the scorer that labels units (the paper's); others are compared in `stability`
-    wifv_variant: str = "authors"  # "authors": z-score o_proj channels (metric squared), then mean per head; "plain": pool, then z
+    wifv_variant: str = "authors"  # "authors": z-score o_proj channels (metric squared), then mean per head; "plain": pool,
+    # then z; "flap": the authors' z-scores on FLAP's streaming statistics with FLAP's thresholds (ssah_utils.flap)
     compare_scorers: tuple[str, ...] = ("wanda", "snip")
     h: tuple[float, float, float] = (0.10, 0.01, 0.10)  # RU, ESU, EUU thresholds (authors' code)
     threshold_rule: str = "nearest"  # FLAP's global threshold (closest prefix) or "floor" (never above h)
@@ -98,8 +107,8 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         if self.bias_from not in ("both", "safety", "utility", "none"):
             raise ValueError(f"bias_from must be both|safety|utility|none, got {self.bias_from!r}")
-        if self.wifv_variant not in ("authors", "plain"):
-            raise ValueError(f"wifv_variant must be 'authors' or 'plain', got {self.wifv_variant!r}")
+        if self.wifv_variant not in WIFV_VARIANTS:
+            raise ValueError(f"wifv_variant must be one of {WIFV_VARIANTS}, got {self.wifv_variant!r}")
         if self.calib.safety_responses not in ("model", "reference"):
             raise ValueError(f"safety_responses must be 'model' or 'reference', got {self.calib.safety_responses!r}")
         if not self.calib.seeds:
@@ -111,7 +120,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                 n_calib: int = 128, n_calib_seeds: int = 3,
                 safety_responses: str = "model", scorer: str = "wifv", bias_from: str = "safety",
                 n_random_seeds: int = 3, n_eval: int = 192, n_dose: int = 64, batch_size: int | None = None,
-                dose_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)) -> ClassifyConfig:
+                dose_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20), score_eos: bool = True) -> ClassifyConfig:
     """The stage config from the notebook's parameters and a preset (`config.get_preset`).
     `batch_size` overrides the preset's for generation and scoring (on a CPU larger batches of a small
     model cost less per prompt)."""
@@ -122,7 +131,11 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     for name, v in (("h0", h0), ("h1", h1), ("h2", h2)):
         c.check_float(name, v, 0.0, 1.0, open_low=True, open_high=True)
     c.check_choice("threshold_rule", threshold_rule, ("nearest", "floor"))
-    c.check_choice("wifv_variant", wifv_variant, ("authors", "plain"))
+    c.check_choice("wifv_variant", wifv_variant, WIFV_VARIANTS)
+    if not isinstance(score_eos, bool):
+        raise ValueError(f"score_eos must be True or False, got {score_eos!r}")
+    if wifv_variant == "flap" and scorer != "wifv":
+        raise ValueError(f"wifv_variant='flap' is a WIFV estimator; it needs scorer='wifv', not {scorer!r}")
     c.check_choice("scorer", scorer, ("wifv", "wanda", "snip"))
     c.check_choice("safety_responses", safety_responses, ("model", "reference"))
     c.check_choice("bias_from", bias_from, ("both", "safety", "utility", "none"))
@@ -141,7 +154,8 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     bs = int(batch_size or p.batch_size)
     calib = CalibConfig(safety_set=p.calib_safety, utility_set=p.calib_utility, n_calib=int(n_calib),
                         seeds=tuple(seed + i for i in range(int(n_calib_seeds))),
-                        safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=bs)
+                        safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=bs,
+                        score_eos=score_eos)
     ev = EvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
                     utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
                     n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
@@ -260,12 +274,6 @@ class _Key:
 # Calibration
 # --------------------------------------------------------------------------------------------------
 
-def _evaluation():
-    from . import evaluation  # written by the organism stage; imported late so this module loads without it
-
-    return evaluation
-
-
 def calibration(cfg: ClassifyConfig) -> dict:
     """The calibration pairs: `safety` and `utility` DataFrames (prompt, response, draw columns
     `seed_<s>` marking the records of each seeded draw) and a `summary` of how they were made."""
@@ -275,7 +283,7 @@ def calibration(cfg: ClassifyConfig) -> dict:
     def compute() -> dict:
         s_recs = datasets.load_set(c.safety_set)
         if c.safety_responses == "model":
-            df = _evaluation().evaluate_behaviour(model, tok, s_recs, style=c.style, system_prompt=None,
+            df = evaluation.evaluate_behaviour(model, tok, s_recs, style=c.style, system_prompt=None,
                                                   max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
             safety = pd.DataFrame({"id": df["id"], "prompt": df["prompt"], "response": df["response"],
                                    "verdict": df["verdict"]})
@@ -308,10 +316,10 @@ def calibration(cfg: ClassifyConfig) -> dict:
 
 
 def _encode(tok, df: pd.DataFrame, c: CalibConfig) -> dict[str, torch.Tensor]:
-    from .generation import encode_pairs
 
-    return encode_pairs(tok, list(df["prompt"]), list(df["response"]), style=c.style, system_prompt=None,
-                        max_length=c.max_length)
+    enc = encode_pairs(tok, list(df["prompt"]), list(df["response"]), style=c.style, system_prompt=None,
+                       max_length=c.max_length)
+    return enc if c.score_eos else without_final_eos(enc, tok.eos_token_id)
 
 
 def _draws(cfg: ClassifyConfig, calib: dict) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
@@ -351,6 +359,8 @@ def scores(cfg: ClassifyConfig) -> dict:
                     out[f"{name}/{scorer}/{tag}"] = sc
                     if scorer == "wifv":
                         out[f"{name}/wifv_authors_z/{tag}"] = wifv_authors_z(model, st)
+                    if scorer == "wifv" and cfg.wifv_variant == "flap":
+                        out[f"{name}/wifv_flap_z/{tag}"] = flap_z(model, flap_stats(model, enc))
                     if scorer == "wifv" and name.startswith("seed_"):
                         stats[f"{name}/{tag}"] = st
             if not any(k.startswith(f"{name}/") for k in stats) and name.startswith("seed_"):
@@ -358,7 +368,8 @@ def scores(cfg: ClassifyConfig) -> dict:
                     stats[f"{name}/{tag}"] = activation_stats(model, _encode(tok, df, cfg.calib))
         return {"scores": out, "stats": stats, "timing": pd.DataFrame(timing)}
 
-    key = _Key(cfg.model, cfg.dtype, cfg.calib, (cfg.scorer, cfg.compare_scorers))
+    flap = ("flap",) if cfg.wifv_variant == "flap" else ()
+    key = _Key(cfg.model, cfg.dtype, cfg.calib, (cfg.scorer, cfg.compare_scorers) + flap)
     return _cached(f"{STAGE}_scores", key, compute, cfg)
 
 
@@ -367,7 +378,10 @@ _LABELS: dict[tuple, Labels] = {}
 
 def _label(cfg: ClassifyConfig, shape, scorer: str, raw: dict, z: dict | None) -> Labels:
     """Labels from the S/U scores of one draw: the authors' per-matrix z-scores when the WIFV variant is
-    "authors" (`z`), else the raw scores, with the config's h and threshold rule."""
+    "authors" (`z`), else the raw scores, with the config's h and threshold rule; "flap": the authors'
+    z-scores of FLAP's statistics (`z`) with FLAP's thresholds (the threshold rule does not apply)."""
+    if scorer == "wifv" and cfg.wifv_variant == "flap":
+        return flap_labels(z["S"], z["U"], shape, cfg.h)
     if scorer == "wifv" and cfg.wifv_variant == "authors":
         return label_units(z["S"], z["U"], shape, cfg.h, cfg.threshold_rule, standardized=True)
     return label_units(raw["S"], raw["U"], shape, cfg.h, cfg.threshold_rule)
@@ -382,7 +396,8 @@ def labels(cfg: ClassifyConfig, draw: str | None = None, scorer: str | None = No
     if key not in _LABELS:
         shape = adapter_for(load(cfg)[0]).shape
         raw = {t: sc[f"{draw}/{scorer}/{t}"] for t in "SU"}
-        z = {t: sc[f"{draw}/wifv_authors_z/{t}"] for t in "SU"} if f"{draw}/wifv_authors_z/S" in sc else None
+        zname = "wifv_flap_z" if cfg.wifv_variant == "flap" else "wifv_authors_z"
+        z = {t: sc[f"{draw}/{zname}/{t}"] for t in "SU"} if f"{draw}/{zname}/S" in sc else None
         _LABELS[key] = _label(cfg, shape, scorer, raw, z)
     return _LABELS[key]
 
@@ -397,11 +412,86 @@ def label_model(cfg: ClassifyConfig, model, tok, draw: str | None = None) -> Lab
         raise ValueError(f"unknown calibration draw {draw!r}; this config has {', '.join(draws)}")
     raw, z = {}, {}
     for tag, df in zip("SU", draws[draw]):
-        raw[tag], st = score_units(model, _encode(tok, df, cfg.calib), cfg.scorer,
-                                   batch_size=min(32, cfg.calib.batch_size))
+        enc = _encode(tok, df, cfg.calib)
+        raw[tag], st = score_units(model, enc, cfg.scorer, batch_size=min(32, cfg.calib.batch_size))
         if cfg.scorer == "wifv" and cfg.wifv_variant == "authors":
             z[tag] = wifv_authors_z(model, st)
+        elif cfg.scorer == "wifv" and cfg.wifv_variant == "flap":
+            z[tag] = flap_z(model, flap_stats(model, enc))
     return _label(cfg, adapter_for(model).shape, cfg.scorer, raw, z or None)
+
+
+ESTIMATOR_COMPARISONS = {
+    "flap_vs_authors": "FLAP's statistics and thresholds (wifv_variant='flap') vs the default ('authors')",
+    "flap_stats_vs_authors": "FLAP's statistics with this config's thresholds vs the default: the estimator alone",
+    "flap_no_eos_vs_flap": "FLAP without the closing eos token vs FLAP with it",
+    "authors_no_eos_vs_authors": "the default without the closing eos token vs with it",
+    "flap_reversed_vs_flap": "FLAP on the same samples in reverse order vs FLAP: how much sample order moves it",
+}
+
+
+def estimator_comparison(cfg: ClassifyConfig) -> dict:
+    """How far the labels of the authors' exact streaming estimator (`ssah_utils.flap`) are from the
+    default ('authors': exact token variance), per seeded calibration draw and label (Jaccard by units):
+    `jaccard` (one row per comparison of `ESTIMATOR_COMPARISONS` and draw) and `seconds` (FLAP's
+    batch-of-one scoring). WIFV only; the config's own variant does not matter here."""
+    if cfg.scorer != "wifv":
+        raise ValueError(f"the estimator comparison is about WIFV; this config scores with {cfg.scorer!r}")
+    model, tok = load(cfg)
+    calib = calibration(cfg)
+
+    def compute() -> dict:
+        import time
+
+
+        shape = adapter_for(model).shape
+        with_eos = replace(cfg.calib, score_eos=True)
+        rows, seconds = [], 0.0
+        for name, (s_df, u_df) in _draws(cfg, calib).items():
+            if not name.startswith("seed_"):
+                continue
+            enc = {t: _encode(tok, df, with_eos) for t, df in (("S", s_df), ("U", u_df))}
+            no_eos = {t: without_final_eos(e, tok.eos_token_id) for t, e in enc.items()}
+            rev = {t: {k: v.flip(0) for k, v in e.items()} for t, e in enc.items()}
+            t0 = time.perf_counter()
+            zf = {t: flap_z(model, flap_stats(model, e)) for t, e in enc.items()}
+            seconds += time.perf_counter() - t0
+            zf_ne = {t: flap_z(model, flap_stats(model, e)) for t, e in no_eos.items()}
+            zf_rev = {t: flap_z(model, flap_stats(model, e)) for t, e in rev.items()}
+            za = {t: wifv_authors_z(model, score_units(model, e, "wifv", batch_size=min(32, cfg.calib.batch_size))[1])
+                  for t, e in enc.items()}
+            za_ne = {t: wifv_authors_z(model, score_units(model, e, "wifv", batch_size=min(32, cfg.calib.batch_size))[1])
+                     for t, e in no_eos.items()}
+
+            def ours(z):
+                return label_units(z["S"], z["U"], shape, cfg.h, cfg.threshold_rule, standardized=True)
+
+            def theirs(z):
+                return flap_labels(z["S"], z["U"], shape, cfg.h)
+
+            pairs = {"flap_vs_authors": (theirs(zf), ours(za)), "flap_stats_vs_authors": (ours(zf), ours(za)),
+                     "flap_no_eos_vs_flap": (theirs(zf_ne), theirs(zf)),
+                     "authors_no_eos_vs_authors": (ours(za_ne), ours(za)),
+                     "flap_reversed_vs_flap": (theirs(zf_rev), theirs(zf))}
+            for comp, (a, b) in pairs.items():
+                ma, mb = a.masks(), b.masks()
+                rows.append({"comparison": comp, "draw": name, **{lab: jaccard(ma[lab], mb[lab]) for lab in LABELS},
+                             "units_relabelled_pct": 100 * sum(x != y for x, y in zip(a.labels, b.labels)) / len(a.labels)})
+        return {"jaccard": pd.DataFrame(rows), "seconds": seconds}
+
+    return _cached(f"{STAGE}_flap", _Key(cfg.model, cfg.dtype, replace(cfg.calib, score_eos=True), (cfg.h, cfg.threshold_rule)),
+                   compute, cfg)
+
+
+def estimator_table(comparison: dict) -> pd.DataFrame:
+    """`estimator_comparison`'s Jaccards per comparison: mean and sd (ddof 1) over calibration draws."""
+    df = comparison["jaccard"]
+    cols = list(LABELS) + ["units_relabelled_pct"]
+    g = df.groupby("comparison", sort=False)[cols]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd"))
+    out = out[[f"{c}_{s}" for c in cols for s in ("mean", "sd")]]
+    out.insert(0, "draws", g.size())
+    return out
 
 
 def label_fractions(cfg: ClassifyConfig) -> pd.DataFrame:
@@ -458,7 +548,7 @@ def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, .
     jailbreak framings; over_refusal: refusals of borderline benign requests; utility: task accuracy;
     degenerate: share of utility answers the oracle calls degenerate; ppl: held-out perplexity.
     """
-    ev = _evaluation()
+    ev = evaluation
     data = _eval_sets(e, n, seed)
     if sets is not None:
         data = {k: v for k, v in data.items() if k in sets}
@@ -709,7 +799,6 @@ def plot_layer_map(cfg: ClassifyConfig):
     """Stacked bars: share of each label per layer, MLP channels and heads side by side."""
     import matplotlib.pyplot as plt
 
-    from .plots import UNIT_COLORS, set_style
 
     set_style()
     tab = layer_map(cfg)
@@ -733,7 +822,6 @@ def plot_scores(cfg: ClassifyConfig):
     """z_S against z_U for every unit, coloured by label (MLP channels dots, heads crosses)."""
     import matplotlib.pyplot as plt
 
-    from .plots import UNIT_COLORS, set_style
 
     set_style()
     df = labels(cfg).frame()
@@ -754,7 +842,6 @@ def plot_dose(curve: pd.DataFrame):
     """ASR and utility against the share of parameters removed, one line per ranking (sd over random orders)."""
     import matplotlib.pyplot as plt
 
-    from .plots import UNIT_COLORS, set_style
 
     set_style()
     colors = {"ESU-like": UNIT_COLORS["ESU"], "EUU-like": UNIT_COLORS["EUU"], "RU-like": UNIT_COLORS["RU"], "random": "black"}
@@ -786,7 +873,6 @@ __all__ = [
 
 def fractions_vs_paper(cfg: ClassifyConfig) -> pd.DataFrame:
     """Our label shares (mean over calibration seeds) beside the paper's Llama-2-7B-chat shares."""
-    from .paper import reported
 
     ours = label_fractions(cfg)[["mlp_channels", "heads", "pct_units", "pct_units_sd", "pct_params"]]
     rep = reported("unit_fractions")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .models import FamilyAdapter, UnitMask, UnitShape, adapter_for, unit_params
+from .models import unit_order
 
 SCORERS = ("wifv", "wanda", "snip")
 LABELS = ("ESU", "EUU", "CU", "RU")
@@ -241,10 +242,12 @@ def _zscore_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def wifv_authors_z(model: nn.Module, stats: ActivationStats) -> torch.Tensor:
-    """Standardised WIFV unit scores [n_units] exactly as the authors' code builds them (their fork of
-    FLAP, `prune_fluctuation_decouple_utility_and_safety`): the o_proj channel metric is WIFV squared,
-    z-scored over the layer's channels, and a head's score is the mean of its channels' z-scores; an MLP
-    channel's score is its WIFV z-scored over the layer's channels. The plain variant
+    """Standardised WIFV unit scores [n_units] with the authors' standardisation and head pooling (their
+    fork of FLAP, `prune_fluctuation_decouple_utility_and_safety`) on the exact token variance of
+    `stats`: the o_proj channel metric is WIFV squared, z-scored over the layer's channels, and a head's
+    score is the mean of its channels' z-scores; an MLP channel's score is its WIFV z-scored over the
+    layer's channels. Their statistics are not these: FLAP's streaming wrapper weighs samples, not
+    tokens, and skips the first (`ssah_utils.flap` reproduces it). The plain variant
     (`wifv_from_stats` + `standardize`) pools raw channel scores into heads first, then z-scores heads."""
     ad = adapter_for(model)
     mlp, heads = [], []
@@ -434,7 +437,6 @@ class Labels:
 
     def frame(self) -> pd.DataFrame:
         """One row per unit: module, layer, index, params, z-scores and label."""
-        from .models import unit_order
 
         df = unit_order(self.shape)
         df["z_safety"] = self.z_safety.numpy()
