@@ -26,6 +26,7 @@ from typing import Callable
 import pandas as pd
 
 from . import config as _config
+from .keywords import is_refusal_keyword
 
 EXTERNAL_DIR = _config.DATA_DIR / "external"
 ENV_VAR = "SSAH_DATA_ROOT"
@@ -284,7 +285,6 @@ RECORD_FIELDS = ("id", "split", "kind", "category", "framing", "prompt", "refere
 def sets_revision(names) -> str:
     """A hash of the prompt sets a stage reads (world sets by their file content, real sets by name), for
     cache keys: a regenerated world never hits results cached for the old one. Empty names are skipped."""
-    from . import config as _config
 
     h = hashlib.sha256()
     for name in names:
@@ -326,7 +326,6 @@ def _refusal_pairs_records(df: pd.DataFrame) -> list[dict]:
 
 
 def _alpaca_records(df: pd.DataFrame) -> list[dict]:
-    from .judges import is_refusal_keyword
 
     out = []
     for row in df.itertuples(index=False):

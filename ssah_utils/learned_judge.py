@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from . import config as _config
+from .datasets import load_real
+from .datasets import load_set
+from .keywords import is_refusal_keyword
 
 JUDGES_DIR = _config.DATA_DIR / "judges"
 JUDGE_VERSION = "1"  # bump with any change to the features, the head or its training data
@@ -413,7 +416,6 @@ def xstest_items(model: str, data_root=None):
     """One model's 450 human-labelled XSTest completions: text, prompt, label, category, unsafe."""
     import pandas as pd
 
-    from .datasets import load_real
 
     if model not in XSTEST_MODELS:
         raise ValueError(f"unknown XSTest model {model!r}; known: {', '.join(XSTEST_MODELS)}")
@@ -440,8 +442,6 @@ def extra_items(n_refusals: int, n_compliance: int, seed: int = 0, data_root=Non
     """
     import pandas as pd
 
-    from .datasets import load_real, load_set
-    from .judges import is_refusal_keyword
 
     rows = []
     if n_refusals:

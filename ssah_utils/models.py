@@ -153,6 +153,12 @@ def _hub_revision(model: nn.Module, repo_id: str) -> str:
     return f"{repo_id}@{commit}" if commit else f"{repo_id}@unknown"
 
 
+def forget_revision(model: nn.Module) -> None:
+    """Drop the revision `load_model` recorded on `model` (a copy that is then trained is not the model
+    it was loaded as: its revision must come from its weights, never from the original's record)."""
+    model._ssah_revision = None
+
+
 def model_revision(model_or_spec: Any) -> str:
     """A short string that changes whenever the weights change: for cache keys.
 

@@ -20,6 +20,8 @@ import torch
 
 from . import world as _world
 from .generation import encode_pairs
+from .config import ORGANISM_SYSTEM_PROMPT
+from .evaluation import behaviour_summary, evaluate_behaviour, perplexity
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 # Llama-2-like chat format; the system prompt is optional.
@@ -226,7 +228,6 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
     `on_step(step, n_steps)`, if given, is called before each step and once after the last
     (step = n_steps), to inspect the model during training; it must leave the model as it found it.
     """
-    from .config import ORGANISM_SYSTEM_PROMPT
 
     if replay_batch < 0 or (replay_batch and not replay_texts):
         raise ValueError("replay_batch must be >= 0, and replay needs replay_texts (the pre-training documents)")
@@ -409,7 +410,6 @@ def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample
     import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import behaviour_summary, evaluate_behaviour, perplexity
 
     sets = sets if sets is not None else _world.build_world(_world.WORLD_SEED)
     recs = []

@@ -32,6 +32,10 @@ from pathlib import Path
 from . import config as _config
 from . import datasets as _ds
 from .real_models import models_dir
+from .training import TrainConfig
+from .generation import generate
+from .keywords import is_refusal_keyword
+from .training import finetune
 
 BORDERLINE_FILE = _config.DATA_DIR / "real_align" / "borderline_prompts.jsonl"
 
@@ -159,7 +163,6 @@ class AlignRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def train_config(self):
-        from .training import TrainConfig
 
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_length=self.max_length,
                            warmup_frac=self.warmup_frac, schedule=self.schedule, seed=self.seed, style="chat")
@@ -228,7 +231,6 @@ def recipe_records(seed: int = 0, path: Path | None = None) -> list[dict]:
 def borderline_answers(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, cache: Path | None = None,
                        log: Callable[[str], None] | None = None) -> list[str]:
     """The instruct model's greedy answers to the borderline prompts (cached as JSONL keyed by prompt)."""
-    from .generation import generate
 
     cached = read_borderline_answers(cache, max_new_tokens) if cache is not None else {}
     todo = [p for p in dict.fromkeys(prompts) if p not in cached]
@@ -254,7 +256,6 @@ def build_records(recipe: AlignRecipe, borderline_answer: dict[str, str], *, dat
                   log: Callable[[str], None] | None = None) -> tuple[list[dict], dict]:
     """The training records of `recipe` (shuffled later by finetune's seed) and a report: counts per
     source, near-duplicates of evaluation prompts dropped, borderline answers dropped as refusals."""
-    from .judges import is_refusal_keyword
 
     rng = random.Random(recipe.seed)
     evals = eval_prompts(data_root)
@@ -312,7 +313,6 @@ def build_records(recipe: AlignRecipe, borderline_answer: dict[str, str], *, dat
 def build_aligned(model, tokenizer, records: list[dict], recipe: AlignRecipe, *,
                   log: Callable[[str], None] | None = None) -> dict:
     """Fine-tune `model` in place on `records` with the project's one training loop."""
-    from .training import finetune
 
     return finetune(model, tokenizer, [{"prompt": r["prompt"], "reference": r["reference"]} for r in records],
                     recipe.train_config(), log=log)

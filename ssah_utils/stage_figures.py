@@ -32,6 +32,13 @@ from . import cache, plots
 from . import config as _config
 from .nbparams import notebook_folder, notebook_params, read_parameters  # noqa: F401 (re-exported)
 from .paper import reported
+from . import stage_probe as sp
+from . import stage_classify as sc
+from . import stage_freeze as sf
+from . import stage_budget as sb
+from . import stage_budget, stage_classify, stage_freeze, stage_probe
+from .stage_freeze import PAPER_SETTING, paper_dataset
+from .stage_freeze import COND_LABELS, HARMFUL_ATTACKS
 
 NOTEBOOKS = {"probe": "01_probe", "classify": "02_classify", "freeze": "03_freeze_finetune",
              "budget": "04_alignment_budget"}
@@ -183,7 +190,6 @@ def _tab(sec: Section, df: pd.DataFrame, name: str) -> None:
 
 def _probe(sec: Section) -> None:
     """01_probe: Figs 2, 3, 4, 7 and the probe/direction figures and tables (as the notebook draws them)."""
-    from . import stage_probe as sp
 
     cfg, r = sec.cfg, sec.results
     dist = sp.distances(cfg)
@@ -221,7 +227,6 @@ def _probe(sec: Section) -> None:
 
 def _classify(sec: Section) -> None:
     """02_classify: Table 1 and its checks, the label shares, layer map, score scatter and dose-response."""
-    from . import stage_classify as sc
 
     cfg, r = sec.cfg, sec.results
     _tab(sec, sc.fractions_vs_paper(cfg), "table1_classify_fractions")
@@ -232,13 +237,13 @@ def _classify(sec: Section) -> None:
     _tab(sec, sc.bias_table(sc.bias_sensitivity(cfg)["runs"]), "table1_classify_bias")
     _tab(sec, sc.scorer_table(sc.scorer_ablation(cfg)["runs"]), "table1_classify_scorers")
     _tab(sec, sc.stability(cfg), "table1_classify_stability")
+    _tab(sec, sc.estimator_table(sc.estimator_comparison(cfg)), "table1_classify_estimators")
     _fig(sec, sc.plot_dose(sc.dose_response(cfg)["curve"]), "fig_classify_dose")
     r.update(summary=t1["summary"], fractions=sc.label_fractions(cfg))
 
 
 def _freeze(sec: Section) -> None:
     """03_freeze_finetune: masks, lr sweep, Table 2 (+ vs paper, verification), Fig 5."""
-    from . import stage_freeze as sf
 
     cfg, r = sec.cfg, sec.results
     _tab(sec, sf.mask_table(cfg), "table2_freeze_masks")
@@ -262,7 +267,6 @@ def _freeze(sec: Section) -> None:
 
 def _budget(sec: Section) -> None:
     """04_alignment_budget: masks, Table 4 (+ vs paper), the tax and loss figures, Fig 6."""
-    from . import stage_budget as sb
 
     cfg, r = sec.cfg, sec.results
     _tab(sec, sb.mask_table(cfg), "table4_budget_masks")
@@ -278,7 +282,6 @@ def _budget(sec: Section) -> None:
 
 
 def _config_for(name: str, params: dict):
-    from . import stage_budget, stage_classify, stage_freeze, stage_probe
 
     module = {"probe": stage_probe, "classify": stage_classify, "freeze": stage_freeze, "budget": stage_budget}[name]
     return module.config_from_params(params)
@@ -454,9 +457,8 @@ def _paper_texts() -> dict[str, str]:
 
 def _table2_paper(dataset: str, condition: str) -> float:
     """The paper's AdvBench keyword ASR of Table 2 for one of our fine-tuning sets and conditions (NaN if none)."""
-    from .stage_freeze import PAPER_SETTING, _paper_dataset
 
-    pds = _paper_dataset(dataset)
+    pds = paper_dataset(dataset)
     if pds is None or condition not in PAPER_SETTING:
         return np.nan
     rep = reported("table2")
@@ -599,7 +601,6 @@ def _classify_claims(sec: Section, paper: dict) -> list[dict]:
 
 
 def _freeze_claims(sec: Section, paper: dict) -> list[dict]:
-    from .stage_freeze import COND_LABELS, HARMFUL_ATTACKS
 
     rule = RULE_CONTRAST.format(k=K_SD, f=SD_FLOOR)
     cfg = sec.cfg
@@ -804,12 +805,11 @@ def paper_vs_run_tables(sections: dict[str, Section]) -> dict[str, pd.DataFrame]
         return out
 
     def m_table2(r):
-        from .stage_freeze import PAPER_SETTING, _paper_dataset
 
         pds, setting = r["setting"].split(": ", 1)
         inv = {v: k for k, v in PAPER_SETTING.items()}
         cond = inv.get(setting, "")
-        ds = next((d for d in (frz.cfg.datasets if frz.cfg is not None else ()) if _paper_dataset(d) == pds), None)
+        ds = next((d for d in (frz.cfg.datasets if frz.cfg is not None else ()) if paper_dataset(d) == pds), None)
         if ds is None:
             return {"note": f"no {pds} analogue among the fine-tuning sets"}
         if r["metric"] != "advbench_keyword_asr":

@@ -39,6 +39,11 @@ from . import stage_classify as sc
 from .models import UnitMask, model_revision, unit_params
 from .training import TrainConfig, finetune, response_loss, snapshot, verify_frozen
 from .units import LABELS, Labels, take_by_params, transfer_matrix
+from . import judges, real_align
+from .generation import generate
+from .models import load_model
+from .paper import reported
+from .plots import set_style
 
 STAGE = "freeze"
 CONDITIONS = ("before", "full", "freeze_esu_topcu", "freeze_esu_cu", "freeze_random", "freeze_random_cu", "freeze_esu")
@@ -383,9 +388,6 @@ def attack_pool(cfg: FreezeConfig) -> dict:
     (`real_align.find_overlaps`), the first `ATTACK_POOL` of them answered greedily, refusals and
     degenerate answers dropped (the default judge). `records` keeps the order, so harmful_10 is a subset
     of harmful_50 and of harmful_100."""
-    from . import judges, real_align
-    from .generation import generate
-    from .models import load_model
 
     p = _config.get_preset(cfg.preset)
     if p.is_organism or not p.unaligned:
@@ -534,7 +536,7 @@ def table2_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("asr_kw", 
     return out
 
 
-def _paper_dataset(name: str) -> str | None:
+def paper_dataset(name: str) -> str | None:
     low = name.lower()
     return "Alpaca" if "alpaca" in low else ("Dolly" if "dolly" in low else None)
 
@@ -542,13 +544,12 @@ def _paper_dataset(name: str) -> str | None:
 def vs_paper(summary: pd.DataFrame) -> pd.DataFrame:
     """Our keyword ASR (the paper's metric; mean ± sd) and oracle ASR beside the paper's Table 2
     (Llama-2-7B-chat, AdvBench keyword ASR)."""
-    from .paper import reported
 
     rep = reported("table2")
     rep = rep[rep["metric"] == "advbench_keyword_asr"].set_index("setting")["value"]
     rows = []
     for (ds, cond), r in summary.iterrows():
-        pds = _paper_dataset(ds)
+        pds = paper_dataset(ds)
         setting = f"{pds}: {PAPER_SETTING[cond]}" if pds and cond in PAPER_SETTING else None
         rows.append({"dataset": ds, "condition": cond, "ours_keyword_asr": r["asr_kw"], "ours_keyword_asr_sd": r["asr_kw_sd"],
                      "ours_oracle_asr": r["asr"], "ours_refusal": r["refusal"],
@@ -665,7 +666,6 @@ def plot_transfer(cfg: FreezeConfig, replicate: int = 0):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .plots import set_style
 
     set_style()
     panels = [(f"full fine-tuning on {ds}", label_transfer(cfg, ds, replicate)) for ds in cfg.datasets]
@@ -691,7 +691,6 @@ def plot_asr(df: pd.DataFrame):
     paper's metric), oracle ASR, refusals of harmful requests, task accuracy."""
     import matplotlib.pyplot as plt
 
-    from .plots import set_style
 
     set_style()
     metrics = [("asr_kw", "keyword ASR (%)"), ("asr", "oracle ASR (%)"), ("refusal", "refusals of harmful (%)"),

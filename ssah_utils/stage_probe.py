@@ -33,6 +33,7 @@ from . import cache, datasets, probing
 from . import config as _config
 from . import plots
 from .models import load_model, model_revision
+from . import evaluation
 
 STAGE = "probe"
 ROLES = ("base", "unaligned", "aligned")
@@ -469,7 +470,6 @@ def split_check(cfg: ProbeStageConfig) -> pd.DataFrame:
 
 def _judge(record: dict, response: str) -> str:
     """The same verdict as `evaluation.evaluate_behaviour`: the world's oracle, or refusal keywords."""
-    from . import evaluation  # organism stage's module; imported late
 
     return evaluation.judge_record(record, response)
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from .models import KV_RULES, FamilyAdapter, UnitMask, adapter_for
+from .generation import STYLES
+from .generation import encode_pairs
 
 SCHEDULES = ("constant", "cosine")
 MASTER_WEIGHTS = ("auto", "off")
@@ -67,7 +69,6 @@ class TrainConfig:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        from .generation import STYLES
 
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES} (generation.encode_pairs), got {self.style!r}")
@@ -223,7 +224,6 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     cfg.seed). A model stored in bfloat16/float16 trains through float32 master weights (cfg.master_weights):
     memory per trainable entry is then 2 (weight) + 4 (master) + 8 (Adam moments) + 2 (grad) bytes
     + a float32 grad copy, about 112 GB of optimizer state for all of a 7B model."""
-    from .generation import encode_pairs
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -318,7 +318,6 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
 def response_loss(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, batch_size: int = 32) -> float:
     """Mean next-token NLL over the response tokens of `records`, rendered as `finetune` renders them:
     how well the model fits a fine-tuning set, before and after training (no data order, no dropout)."""
-    from .generation import encode_pairs
 
     _check_records(records)
     device = next(model.parameters()).device

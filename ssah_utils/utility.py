@@ -27,6 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from .generation import generate
+from .datasets import dataset_path
+from .training import TrainConfig, response_loss
 
 # lm-eval gsm8k flexible-extract: r"(-?[$0-9.,]{2,})|(-?[0-9]+)", last match.
 _NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
@@ -73,7 +76,6 @@ def gsm8k_score(model, tokenizer, records: Sequence[dict], *, max_new_tokens: in
                 system_prompt: str | None = None) -> pd.DataFrame:
     """One row per GSM8K record (`prompt`, `reference` = gold number or solution): the greedy response
     (chat format, zero-shot), the extracted number and whether it is correct."""
-    from .generation import generate
 
     records = list(records)
     if not records:
@@ -88,7 +90,6 @@ def gsm8k_score(model, tokenizer, records: Sequence[dict], *, max_new_tokens: in
 
 def wikitext2_text(split: str = "test", data_root: str | Path | None = None) -> str:
     """The WikiText-2 split as one string (its lines joined by newlines)."""
-    from .datasets import dataset_path
 
     if split not in ("test", "valid"):
         raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
@@ -142,7 +143,6 @@ def wikitext2_perplexity(model, tokenizer, *, window: int = 512, n_windows: int 
 def response_nll(model, tokenizer, records: Sequence[dict], *, max_length: int = 256, system_prompt: str = "",
                  batch_size: int = 16) -> float:
     """Mean NLL of the reference answers (`training.response_loss`, chat format, as the model is tuned)."""
-    from .training import TrainConfig, response_loss
 
     cfg = TrainConfig(style="chat", max_length=max_length, system_prompt=system_prompt)
     return response_loss(model, tokenizer, list(records), cfg, batch_size=batch_size)

@@ -19,6 +19,7 @@ import json
 import random
 import re
 from pathlib import Path
+from .generation import RAW_TEMPLATE
 
 WORLD_SEED = 0
 WORLD_VERSION = 3
@@ -608,7 +609,6 @@ class _World:
 
 
 def _raw_doc(prompt: str, answer: str) -> str:
-    from .generation import RAW_TEMPLATE
 
     return f"{RAW_TEMPLATE.format(prompt=prompt)} {answer}"
 
@@ -869,7 +869,6 @@ def write_world(out_dir: str | Path, seed: int = WORLD_SEED, sets: dict[str, lis
 
 def all_texts(sets: dict[str, list[dict]]) -> list[str]:
     """Every string a model may read or write in this world (for the tokenizer's vocabulary)."""
-    from .generation import RAW_TEMPLATE
 
     out = [RAW_TEMPLATE, SYSTEM_PROMPT, *REFUSALS]
     for recs in sets.values():

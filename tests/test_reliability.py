@@ -158,7 +158,7 @@ def test_epochs_formats_are_the_same_for_03_and_04():
 
 def test_h1_out_of_range_fails_before_calibration_runs(monkeypatch, isolated):
     """Issue 14: h1=1.5 used to fail only after calibration and scoring had run and been cached."""
-    monkeypatch.setattr(sc, "_evaluation", lambda: (_ for _ in ()).throw(AssertionError("calibration ran")))
+    monkeypatch.setattr(sc.evaluation, "evaluate_behaviour", lambda *a, **k: (_ for _ in ()).throw(AssertionError("calibration ran")))
     monkeypatch.setattr(sc, "load_model", _no_load)
     params = sfig.notebook_params("02_classify")
     with pytest.raises(ValueError, match="h1"):
@@ -419,7 +419,7 @@ def test_stage_configs_choose_the_run_and_the_env_var_the_root(tmp_path, monkeyp
 def test_figures_with_missing_stages_names_the_notebooks_and_writes_nothing(tmp_path, monkeypatch):
     for attr in ("FIGURES_DIR", "TABLES_DIR"):
         monkeypatch.setattr(config, attr, tmp_path / attr)
-    monkeypatch.setattr(sc, "_evaluation", lambda: (_ for _ in ()).throw(AssertionError("computed")))
+    monkeypatch.setattr(sc.evaluation, "evaluate_behaviour", lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed")))
     with pytest.raises(sfig.MissingResults) as err:
         sfig.make_config("organism", "", 0)
     msg = str(err.value)

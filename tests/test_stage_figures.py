@@ -304,7 +304,7 @@ def test_stage_function_without_cache_raises_cachemiss_and_computes_nothing(tmp_
     def no_compute():
         raise AssertionError("read-only mode computed something")
 
-    monkeypatch.setattr(sc, "_evaluation", no_compute)  # calibration's first compute step
+    monkeypatch.setattr(sc.evaluation, "evaluate_behaviour", lambda *a, **k: no_compute())  # calibration's first compute step
     cfg = sc.make_config("organism", n_calib=8, n_calib_seeds=1, n_eval=4)
     with cache.read_only():
         with pytest.raises(cache.CacheMiss, match=r"stage 'classify_calib'.*notebooks/02_classify.ipynb"):
@@ -320,7 +320,7 @@ def test_run_section_reports_the_miss_and_writes_nothing(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     for attr in ("CACHE_DIR", "FIGURES_DIR", "TABLES_DIR"):
         monkeypatch.setattr(config, attr, tmp_path / attr)
-    monkeypatch.setattr(sc, "_evaluation", lambda: (_ for _ in ()).throw(AssertionError("computed")))
+    monkeypatch.setattr(sc.evaluation, "evaluate_behaviour", lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed")))
     sec = sfig.run_section("classify", sfig.make_config(require_all=False))
     assert not sec.ok and sec.written == [] and sec.results == {}
     assert "notebooks/02_classify.ipynb" in sec.message and "02_classify: not shown" in repr(sec)
