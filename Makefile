@@ -40,7 +40,7 @@ RUN_ENV      := $(if $(SSAH_DATA_ROOT),,$(if $(wildcard $(SHARED_DATA)),SSAH_DAT
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env
+.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -144,6 +144,12 @@ organism: $(STAMP) ## Rebuild the model organism (world + base/unaligned/aligned
 
 figures: $(STAMP) notebooks/05_figures.py $(PKG_SRC) ## Redraw every figure and table from cached results only (05_figures; seconds)
 	$(call run_notebooks,notebooks/05_figures.py,one)
+
+course: $(STAMP) ## The course kit: student copies of 01-04 (course/student/, answers replaced by stubs) and the exercise table of course/GUIDE.md
+	$(PY) scripts/course.py build
+
+test-course: $(STAMP) ## Every exercise: the master's answer passes its checker, the student stub fails it with the hint (seconds; in make test-fast too)
+	$(PY) scripts/course.py test
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) $$b; done

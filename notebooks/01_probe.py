@@ -381,6 +381,59 @@ print(sp.summary_text(cfg, dist, dist7, acc, dr, se, point))
 #   derail into off-target text (`wrong`), which the oracle does not count as harm.
 
 # %% [markdown]
+# ## Exercises
+# Write the piece of the method that each exercise names, then run the cell below it: `course.check` runs your
+# function against the package's reference on small inputs and says what is wrong, with a hint. The student
+# copies (`make course`, `course/student/`) hold a stub in place of each answer.
+
+# %%
+import pandas as pd
+import torch
+
+from ssah_utils import course
+
+# %% [markdown] tags=["exercise"]
+# ### E1 · Cosine distance (easy, about 5 min)
+# Figs 2-4 compare the model's hidden state with those of a refusal and of a compliance continuation by cosine
+# distance. Write `cosine_distance(a, b)`: 1 − cos(a, b) over the last dimension, for any batch shape.
+
+# %% tags=["solution"]
+def cosine_distance(a, b):
+    return 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+# %%
+course.check("E1", cosine_distance)
+
+# %% [markdown] tags=["exercise"]
+# ### E2 · The refusal direction (easy, about 10 min)
+# Write `refusal_direction(h_harmful, h_harmless)`: the difference of the mean hidden states (`[n, d]` each) of
+# harmful and harmless requests, scaled to unit length, as section 5 computes it.
+
+# %% tags=["solution"]
+def refusal_direction(h_harmful, h_harmless):
+    d = h_harmful.mean(0) - h_harmless.mean(0)
+    return d / d.norm()
+
+
+# %%
+course.check("E2", refusal_direction)
+
+# %% [markdown] tags=["exercise"]
+# ### E3 · Projecting the direction out (medium, about 10 min)
+# Ablating the direction means removing each state's component along it. Write `project_out(h, direction)` for
+# states `[n, d]` and a direction `[d]` of any length: the result must be orthogonal to the direction.
+
+# %% tags=["solution"]
+def project_out(h, direction):
+    u = direction / direction.norm()
+    return h - (h @ u)[:, None] * u
+
+
+# %%
+course.check("E3", project_out)
+
+# %% [markdown]
 # ## Questions for a student
 #
 # 1. The distances depend on the token position (`position="mean"`) and the layer (`layer`). Rerun with

@@ -195,7 +195,67 @@ print(sf.summary_text(cfg, sweep))
 # it exceeds twice the larger standard deviation and 1 point; otherwise it says "no clear difference". The
 # verdicts are about this model and these settings: a different organism build, learning rate or `cu_rank_by`
 # can change them, which is what the parameters are for.
-#
+
+# %% [markdown]
+# ## Exercises
+# Write the piece of the method that each exercise names, then run the cell below it: `course.check` runs your
+# function against the package's reference on small inputs and says what is wrong, with a hint. The student
+# copies (`make course`, `course/student/`) hold a stub in place of each answer.
+
+# %%
+import torch
+
+from ssah_utils import course
+
+# %% [markdown] tags=["exercise"]
+# ### E7 · Freezing rows bit for bit (hard, about 15 min)
+# Write `frozen_step(weight, optimizer, frozen_rows)`: one `optimizer.step()` after which the rows `frozen_rows` of
+# `weight` are exactly what they were, under AdamW with weight decay (the gradients are already computed).
+
+# %% tags=["solution"]
+def frozen_step(weight, optimizer, frozen_rows):
+    keep = weight.detach()[frozen_rows].clone()
+    optimizer.step()
+    with torch.no_grad():
+        weight[frozen_rows] = keep
+
+
+# %%
+course.check("E7", frozen_step)
+
+# %% [markdown] tags=["exercise"]
+# ### E8 · The random control (easy, about 5 min)
+# Every freeze setting is compared with random units of the same size. Write `random_like(mask, seed)`: a bool mask
+# of the same shape with as many True entries at random positions, the same for the same seed.
+
+# %% tags=["solution"]
+def random_like(mask, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    out.view(-1)[torch.randperm(mask.numel(), generator=g)[: int(mask.sum())]] = True
+    return out
+
+
+# %%
+course.check("E8", random_like)
+
+# %% [markdown] tags=["exercise"]
+# ### E9 · Reading a verdict (easy, about 10 min)
+# The scorecard calls a difference real only beyond a margin of twice the larger sd (and at least 1 point). Write
+# `verdict(effect, sd_run, sd_control, expect)` for `expect` in "higher", "lower", "same", returning "holds" or
+# "does not hold on this model".
+
+# %% tags=["solution"]
+def verdict(effect, sd_run, sd_control, expect):
+    margin = 2 * max(sd_run, sd_control, 1.0)
+    ok = {"higher": effect > margin, "lower": effect < -margin, "same": abs(effect) <= margin}[expect]
+    return "holds" if ok else "does not hold on this model"
+
+
+# %%
+course.check("E9", verdict)
+
+# %% [markdown]
 # ## Questions for a student
 # 1. Setting (ii) freezes ESU and all CU — most of the model. Is its safety better than that of the random
 #    control of the same size? If both keep safety, what does that say about *which* units matter?

@@ -227,7 +227,63 @@ print(sb.summary_text(cfg, tr))
 # "Not distinguishable from the null" means the RU-only and random-unit task accuracies differ by less than
 # twice the larger sd (and less than 2 points). Read the safety columns too: a small alignment tax is only
 # a win if the model is also aligned (it refuses harmful requests).
-#
+
+# %% [markdown]
+# ## Exercises
+# Write the piece of the method that each exercise names, then run the cell below it: `course.check` runs your
+# function against the package's reference on small inputs and says what is wrong, with a hint. The student
+# copies (`make course`, `course/student/`) hold a stub in place of each answer.
+
+# %%
+import pandas as pd
+import torch
+
+from ssah_utils import course, units
+
+# %% [markdown] tags=["exercise"]
+# ### E10 · The redundant-unit budget (medium, about 10 min)
+# Write `ru_budget(z_safety, z_utility, params, fraction)`: the redundant units, the lowest `fraction` of the
+# parameters ranked by z_safety + z_utility (use `units.take_by_params` for the threshold).
+
+# %% tags=["solution"]
+def ru_budget(z_safety, z_utility, params, fraction):
+    return units.take_by_params(torch.argsort(z_safety + z_utility, stable=True), params, fraction)
+
+
+# %%
+course.check("E10", ru_budget)
+
+# %% [markdown] tags=["exercise"]
+# ### E11 · Where the units go (medium, about 10 min)
+# Fig 6 is a transfer matrix. Write `transfer_matrix(before, after)` for two lists of labels: rows the labels before,
+# columns after, each of ESU, EUU, CU, RU present, as percent of each row (an empty row is all 0).
+
+# %% tags=["solution"]
+def transfer_matrix(before, after):
+    labels = ["ESU", "EUU", "CU", "RU"]
+    tab = pd.crosstab(pd.Categorical(before, labels), pd.Categorical(after, labels), dropna=False)
+    return 100 * tab.div(tab.sum(1).replace(0, 1), axis=0)
+
+
+# %%
+course.check("E11", transfer_matrix)
+
+# %% [markdown] tags=["exercise"]
+# ### E12 · Training only chosen rows (easy, about 5 min)
+# RU-only alignment trains only the budget's rows. Write `train_only_grad(grad, trained_rows)`: the gradient with
+# every row outside `trained_rows` set to 0.
+
+# %% tags=["solution"]
+def train_only_grad(grad, trained_rows):
+    out = torch.zeros_like(grad)
+    out[trained_rows] = grad[trained_rows]
+    return out
+
+
+# %%
+course.check("E12", train_only_grad)
+
+# %% [markdown]
 # ## Questions for a student
 # 1. The masked runs use the same learning rate as full SFT. A smaller trainable set often needs a larger
 #    one: rerun with `lr_scale_masked = 3` and compare harmful compliance and the tax. Is the comparison with
