@@ -4,7 +4,8 @@
     python scripts/course.py test                   # every exercise: the master's answer passes, the stub fails with its hint
 
 A student copy is the notebook's jupytext source with each cell tagged `solution` replaced by a stub (the
-answer's function signatures, each raising NotImplementedError) and no outputs. The test runs the exercise
+answer's function signatures, each raising NotImplementedError), the parameters of the classroom preset
+(`notebooks/params/classroom.yaml`: the organism with classroom-sized counts) and no outputs. The test runs the exercise
 cells of each master source (from "## Exercises" to the next "##" heading) twice in a fresh namespace: as
 written (every `course.check` must pass) and with the stubs (every `course.check` must raise
 `ExerciseFailed` whose message carries the exercise's hint).
@@ -16,6 +17,8 @@ import argparse
 import ast
 import contextlib
 import io
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,9 +28,10 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ssah_utils import course  # noqa: E402
+from ssah_utils import course, nbparams  # noqa: E402
 
 NOTEBOOKS = ("01_probe", "02_classify", "03_freeze_finetune", "04_alignment_budget")
+STUDENT_PRESET = "classroom"  # the student copies' parameters: the organism with classroom-sized counts
 GUIDE_START, GUIDE_END = "<!-- exercises:start -->", "<!-- exercises:end -->"
 
 
@@ -51,9 +55,27 @@ def _read(name: str):
     return jupytext.read(ROOT / "notebooks" / f"{name}.py")
 
 
+def classroom_parameters(source: str, name: str) -> str:
+    """The parameters cell with `preset` and every count of the classroom preset's file for notebook `name`."""
+    values = {"preset": STUDENT_PRESET, **nbparams.preset_defaults(STUDENT_PRESET, name)}
+    out, seen = [], set()
+    for line in source.splitlines():
+        m = re.match(r"^(\w+) = (.*?)(\s+#.*)?$", line)
+        if m and m.group(1) in values:
+            v = values[m.group(1)]
+            line = f"{m.group(1)} = {json.dumps(v) if isinstance(v, str) else repr(v)}{m.group(3) or ''}"
+            seen.add(m.group(1))
+        out.append(line)
+    if set(values) - seen:
+        raise ValueError(f"{name}: the parameters cell has no {sorted(set(values) - seen)}")
+    return "\n".join(out)
+
+
 def student_copy(name: str):
     nb = _read(name)
     for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            cell.source = classroom_parameters(cell.source, name)
         if "solution" in cell.metadata.get("tags", []):
             cell.source = stub(cell.source)
         if cell.cell_type == "code":

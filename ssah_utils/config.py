@@ -106,6 +106,16 @@ PRESETS: dict[str, Preset] = {
             system_prompt=ORGANISM_SYSTEM_PROMPT,
         ),
         Preset(
+            name="classroom",
+            aligned="organism:aligned",
+            base="organism:base",
+            unaligned="organism:unaligned",
+            description=("The organism with classroom-sized counts (notebooks/params/classroom.yaml: fewer prompts, "
+                         "seeds and conditions, the same protocol), for a class on a laptop; the course kit's default."),
+            system_prompt=ORGANISM_SYSTEM_PROMPT,
+            extra={"classroom": True},
+        ),
+        Preset(
             name="smollm2-135m",
             aligned=str(SMOLLM2_DIR / "smollm2-135m-aligned"),
             # SmolLM2-135M-Instruct was tuned without safety: it is both the unaligned model and the

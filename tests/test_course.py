@@ -70,6 +70,10 @@ def test_student_copies_hold_no_answer(tmp_path):
             body = src.splitlines()[1].strip()  # the first line of each answer's body
             assert body not in student, f"{name}: the answer line {body!r} is in the student copy"
         assert student.count("NotImplementedError") >= len(answers)
+        params = next(c.source for c in kit.student_copy(name).cells if "parameters" in c.metadata.get("tags", []))
+        assert 'preset = "classroom"' in params
+        for key, value in kit.nbparams.preset_defaults("classroom", name).items():
+            assert f"{key} = " in params and (repr(value) in params or f'"{value}"' in params), (name, key)
     with pytest.raises(ValueError, match="only function definitions"):
         kit.stub("x = 1")
     with pytest.raises(ValueError, match="unknown exercise"):
