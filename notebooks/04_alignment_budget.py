@@ -262,7 +262,7 @@ course.check("E10", ru_budget)
 def transfer_matrix(before, after):
     labels = ["ESU", "EUU", "CU", "RU"]
     tab = pd.crosstab(pd.Categorical(before, labels), pd.Categorical(after, labels), dropna=False)
-    return 100 * tab.div(tab.sum(1).replace(0, 1), axis=0)
+    return 100 * tab.div(tab.sum(axis=1).replace(0, 1), axis=0)
 
 
 # %%

@@ -124,11 +124,22 @@ def make_config(preset: str = "organism", model: str = "", seed: int = 0, notebo
     return cfg
 
 
+def notebook_dir(notebooks_dir: str, notebook: str) -> str:
+    """The folder to read `notebook`'s parameters from: `notebooks_dir` when given; else this run's own
+    executed copy when there is one (`make reproduce` and `make nb-NN` execute into the run's staging
+    folder and publish over notebooks/ only after the last notebook, so 05 must read the fresh copies,
+    not the committed ones); else the committed notebooks/ ('')."""
+    if notebooks_dir:
+        return notebooks_dir
+    staged = _config.output_dir("notebooks")
+    return str(staged) if (staged / f"{notebook}.ipynb").is_file() else ""
+
+
 def params_table(cfg: FiguresConfig) -> pd.DataFrame:
     """Every parameter of notebooks 01-04 as 05 uses it, and where its value comes from."""
     rows = []
     for nb in NOTEBOOKS.values():
-        path = notebook_folder(cfg.notebooks_dir) / f"{nb}.ipynb"
+        path = notebook_folder(notebook_dir(cfg.notebooks_dir, nb)) / f"{nb}.ipynb"
         if not path.is_file():
             continue
         final: dict[str, tuple[Any, str]] = {}
@@ -298,7 +309,7 @@ def run_section(name: str, cfg: FiguresConfig) -> Section:
         raise ValueError(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
     sec = Section(name, NOTEBOOKS[name])
     try:
-        sec.params = notebook_params(sec.notebook, cfg.overrides(), cfg.notebooks_dir)
+        sec.params = notebook_params(sec.notebook, cfg.overrides(), notebook_dir(cfg.notebooks_dir, sec.notebook))
         sec.cfg = _config_for(name, sec.params)
     except (FileNotFoundError, ValueError) as err:
         sec.message = f"cannot rebuild the config of {sec.notebook}: {err}"

@@ -394,3 +394,27 @@ def test_a_gpu_real_preset_names_the_judged_asr_and_keeps_task_accuracy():
         preset="llama2-7b-chat"), results={"summary": s}), sfig._paper_texts())).set_index("id")
     assert card.loc["esu_asr", "run"].startswith("judged ASR")
     assert card.loc["euu_utility", "run"].startswith("task accuracy")
+
+
+def test_params_table_reads_the_runs_fresh_notebooks_before_they_are_published(tmp_path, monkeypatch):
+    """make reproduce executes 01-04 into its staging folder and publishes over notebooks/ only at the end,
+    so 05 (run before publishing) must read the fresh copies: a parameter added to 02 showed up in CI's
+    rerun but not in the committed 05 (its table had read the old committed 02)."""
+    import json
+    import shutil
+
+    staged = tmp_path / "notebooks"
+    staged.mkdir()
+    nb = json.loads((sfig.notebook_folder() / "02_classify.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    cell["source"] = "".join(cell["source"]).replace("n_eval = 192", "n_eval = 7")
+    (staged / "02_classify.ipynb").write_text(json.dumps(nb))
+    monkeypatch.setenv("SSAH_OUTPUT_DIR", str(tmp_path))
+    cfg = sfig.make_config("organism", "", 0, require_all=False)
+    tab = sfig.params_table(cfg)
+    assert tab.loc[("02_classify", "n_eval"), "value"] == "7"  # the staged copy
+    assert tab.loc[("01_probe", "n_prompts"), "value"] == "128"  # no staged 01: the committed one
+    assert sfig.notebook_dir("", "02_classify") == str(staged) and sfig.notebook_dir("", "01_probe") == ""
+    assert sfig.notebook_dir("elsewhere", "02_classify") == "elsewhere"
+    shutil.rmtree(staged)
+    assert sfig.params_table(cfg).loc[("02_classify", "n_eval"), "value"] == "192"
