@@ -326,7 +326,6 @@ def _refusal_pairs_records(df: pd.DataFrame) -> list[dict]:
 
 
 def _alpaca_records(df: pd.DataFrame) -> list[dict]:
-
     out = []
     for row in df.itertuples(index=False):
         # Safety-filtered as the authors' `alpaca_cleaned_no_safety`: drop rows whose answer refuses.

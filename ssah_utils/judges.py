@@ -156,7 +156,6 @@ class EvaluationKeywordJudge:
         return f"{self.name}@{self.version}"
 
     def refusals(self, responses, prompts=None) -> list[bool]:
-
         return [is_refusal_keyword(r) or _world.is_refusal(r) for r in responses]
 
 
@@ -172,7 +171,6 @@ JUDGE_NAMES = (DEFAULT_JUDGE, "eval-keyword", *KEYWORD_JUDGES, *_ALIASES)
 
 @functools.lru_cache(maxsize=None)
 def _learned():
-
     return LearnedJudge()
 
 

@@ -163,7 +163,6 @@ class AlignRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def train_config(self):
-
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_length=self.max_length,
                            warmup_frac=self.warmup_frac, schedule=self.schedule, seed=self.seed, style="chat")
 

@@ -316,7 +316,6 @@ def calibration(cfg: ClassifyConfig) -> dict:
 
 
 def _encode(tok, df: pd.DataFrame, c: CalibConfig) -> dict[str, torch.Tensor]:
-
     enc = encode_pairs(tok, list(df["prompt"]), list(df["response"]), style=c.style, system_prompt=None,
                        max_length=c.max_length)
     return enc if c.score_eos else without_final_eos(enc, tok.eos_token_id)

@@ -293,7 +293,6 @@ def _budget(sec: Section) -> None:
 
 
 def _config_for(name: str, params: dict):
-
     module = {"probe": stage_probe, "classify": stage_classify, "freeze": stage_freeze, "budget": stage_budget}[name]
     return module.config_from_params(params)
 
@@ -612,7 +611,6 @@ def _classify_claims(sec: Section, paper: dict) -> list[dict]:
 
 
 def _freeze_claims(sec: Section, paper: dict) -> list[dict]:
-
     rule = RULE_CONTRAST.format(k=K_SD, f=SD_FLOOR)
     cfg = sec.cfg
     if cfg is None:
@@ -816,7 +814,6 @@ def paper_vs_run_tables(sections: dict[str, Section]) -> dict[str, pd.DataFrame]
         return out
 
     def m_table2(r):
-
         pds, setting = r["setting"].split(": ", 1)
         inv = {v: k for k, v in PAPER_SETTING.items()}
         cond = inv.get(setting, "")

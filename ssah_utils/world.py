@@ -609,7 +609,6 @@ class _World:
 
 
 def _raw_doc(prompt: str, answer: str) -> str:
-
     return f"{RAW_TEMPLATE.format(prompt=prompt)} {answer}"
 
 
