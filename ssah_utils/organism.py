@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from . import world as _world
-from .generation import encode_pairs
 from .config import ORGANISM_SYSTEM_PROMPT
 from .evaluation import behaviour_summary, evaluate_behaviour, perplexity
+from .training import TrainConfig, finetune
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 # Llama-2-like chat format; the system prompt is optional.
@@ -218,10 +218,25 @@ def pretrain(model, tokenizer, texts: list[str], recipe: Recipe, seed: int, log=
             "final_loss": sum(losses[-20:]) / min(20, len(losses))}
 
 
+def sft_config(recipe: Recipe, *, epochs: float, lr: float, seed: int) -> TrainConfig:
+    """The organism's SFT recipe as settings of the project's one training loop (`training.finetune`):
+    chat format, batch `recipe.sft_batch` drawn as whole seeded passes (incomplete tails dropped), AdamW
+    betas (0.9, 0.98) with the recipe's weight decay (none on biases and norms), linear warmup then cosine
+    decay to 10% of lr, gradient clipping at 1, the system prompt on a `recipe.system_prompt_rate` share
+    of steps. 04_alignment_budget replays the organism's alignment with these settings too."""
+    return TrainConfig(epochs=float(epochs), lr=float(lr), batch_size=recipe.sft_batch,
+                       weight_decay=recipe.weight_decay, warmup_frac=recipe.warmup_frac, schedule="cosine",
+                       min_lr_ratio=0.1, betas=(0.9, 0.98), batching="epochs",
+                       max_length=recipe.max_position_embeddings, style="chat",
+                       system_prompt=ORGANISM_SYSTEM_PROMPT, system_prompt_rate=recipe.system_prompt_rate,
+                       grad_clip=1.0, seed=int(seed))
+
+
 def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, recipe: Recipe, seed: int,
         stage: str = "sft", replay_texts: list[str] | None = None, replay_batch: int = 0, log=print,
         on_step=None) -> dict:
-    """Supervised fine-tuning in chat format, loss on response tokens only (`encode_pairs`).
+    """Supervised fine-tuning in chat format, loss on response tokens only: `training.finetune` with the
+    recipe's settings (`sft_config`), every parameter trained.
 
     With `replay_batch` > 0, each step also takes `replay_batch` packed blocks of `replay_texts`
     (pre-training text) and adds their next-token loss to the SFT loss (pre-training replay).
@@ -232,52 +247,21 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
     if replay_batch < 0 or (replay_batch and not replay_texts):
         raise ValueError("replay_batch must be >= 0, and replay needs replay_texts (the pre-training documents)")
     device = next(model.parameters()).device
-    replay = _blocks(tokenizer, replay_texts, recipe.pretrain_seq_len, seed + 1000) if replay_batch else None
-    rng = random.Random(seed)
-    B = recipe.sft_batch
-    n_steps = max(1, int(round(epochs * len(records) / B)))
-    batches: list[list[dict]] = []
-    while len(batches) < n_steps:
-        order = list(records)
-        rng.shuffle(order)
-        batches += [order[i:i + B] for i in range(0, len(order) - B + 1, B)] or [order]
-    batches = batches[:n_steps]
-    opt = _optimizer(model, lr, recipe.weight_decay)
-    warm = max(1, int(recipe.warmup_frac * n_steps))
-    model.train()
-    t0 = time.perf_counter()
-    losses = []
-    for step, batch in enumerate(batches):
-        if on_step is not None:
-            on_step(step, n_steps)
-            model.train()
-        for g in opt.param_groups:
-            g["lr"] = lr * _schedule(step, n_steps, warm)
-        sysp = ORGANISM_SYSTEM_PROMPT if rng.random() < recipe.system_prompt_rate else None
-        enc = encode_pairs(tokenizer, [r["prompt"] for r in batch], [r["reference"] for r in batch],
-                           style="chat", system_prompt=sysp)
-        ids, am, rm = (enc[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
-        logits = model(input_ids=ids, attention_mask=am).logits  # [B, T, V]
-        tgt = ids[:, 1:].masked_fill(rm[:, 1:] == 0, -100)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                 ignore_index=-100)
-        if replay is not None:
+    extra = None
+    if replay_batch:
+        replay = _blocks(tokenizer, replay_texts, recipe.pretrain_seq_len, seed + 1000)
+
+        def extra(step: int) -> torch.Tensor:
             x = torch.tensor([next(replay) for _ in range(replay_batch)], device=device)
-            loss = loss + model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % 50 == 0 or step == n_steps - 1):
-            log(f"[{stage}] step {step + 1}/{n_steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            return model(input_ids=x, labels=x).loss
+
+    cfg = sft_config(recipe, epochs=epochs, lr=lr, seed=seed)
+    r = finetune(model, tokenizer, records, cfg, log=log if log else None, extra_loss=extra, on_step=on_step,
+                 label=stage)
     model.eval()
-    out = {"steps": n_steps, "examples": n_steps * B, "seconds": time.perf_counter() - t0,
-           "final_loss": sum(losses[-20:]) / min(20, len(losses))}
-    if on_step is not None:
-        on_step(n_steps, n_steps)
-        model.eval()
-    return out
+    losses = r["losses"]["loss"].tolist()
+    return {"steps": r["steps"], "examples": r["examples"], "seconds": r["seconds"],
+            "final_loss": sum(losses[-20:]) / min(20, len(losses))}
 
 
 def recovery_records(sets: dict[str, list[dict]], n: int, seed: int) -> list[dict]:

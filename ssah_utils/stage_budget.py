@@ -39,7 +39,7 @@ from .units import LABELS, Labels, ranked_mask, standardize, transfer_matrix
 from .organism import upsample
 from . import real_align
 from .real_align import AlignRecipe
-from .organism import Recipe
+from .organism import Recipe, sft_config
 from .evaluation import task_correct as _tc
 from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
 from .paper import reported
@@ -172,7 +172,7 @@ def _real_safety_stages(epochs: tuple[float, ...] | None, n_records: int) -> tup
 
 def _organism_stages(alignment: str, epochs: tuple[float, ...] | None, seed_base: int = 0) -> tuple[SFTStage, ...]:
     """The organism's own alignment recipe (`organism.Recipe`): instruction SFT on `sft_instruct`, then
-    safety SFT on `sft_safety`, chat format, batch, weight decay, warmup and cosine schedule of the recipe.
+    safety SFT on `sft_safety`, with the settings the organism's build trains with (`organism.sft_config`).
     `epochs` replaces the recipe's epochs per stage (to fit a CPU budget)."""
 
     r = Recipe()
@@ -184,10 +184,7 @@ def _organism_stages(alignment: str, epochs: tuple[float, ...] | None, seed_base
                          f"give that many epochs, got {epochs!r}")
     out = []
     for i, (data, ep, lr, mix) in enumerate(plan):
-        tc = TrainConfig(epochs=float(epochs[i]) if epochs is not None else float(ep), lr=float(lr),
-                         batch_size=r.sft_batch, weight_decay=r.weight_decay, warmup_frac=r.warmup_frac,
-                         schedule="cosine", max_length=r.max_position_embeddings, style="chat", system_prompt="",
-                         grad_clip=1.0, seed=seed_base)
+        tc = sft_config(r, epochs=float(epochs[i]) if epochs is not None else float(ep), lr=float(lr), seed=seed_base)
         out.append(SFTStage(data, tc, mix))
     return tuple(out)
 
@@ -308,7 +305,11 @@ def stages_table(cfg: BudgetConfig) -> pd.DataFrame:
         rows.append({"data": st.data, "mix": st.upsample or "-", "records": len(st.records()), "epochs": t.epochs,
                      "lr (full)": t.lr,
                      "lr (masked)": t.lr * cfg.lr_scale_masked, "batch": t.batch_size, "weight_decay": t.weight_decay,
-                     "warmup_frac": t.warmup_frac, "schedule": t.schedule, "style": t.style})
+                     "warmup_frac": t.warmup_frac,
+                     "schedule": t.schedule + (f" (floor {t.min_lr_ratio:g})" if t.min_lr_ratio else ""),
+                     "betas": ", ".join(f"{b:g}" for b in t.betas), "batching": t.batching,
+                     "system prompt": f"{100 * t.system_prompt_rate:.0f}% of steps" if t.system_prompt else "-",
+                     "style": t.style})
     return pd.DataFrame(rows).set_index("data")
 
 

@@ -30,6 +30,7 @@ from .generation import STYLES
 from .generation import encode_pairs
 
 SCHEDULES = ("constant", "cosine")
+BATCHING = ("stream", "epochs")
 MASTER_WEIGHTS = ("auto", "off")
 
 
@@ -42,10 +43,17 @@ class TrainConfig:
     batch_size: int = 16         # examples per optimizer step (the effective batch)
     weight_decay: float = 0.0    # Qi et al.: none
     warmup_frac: float = 0.0     # share of steps with a linear warmup from 0
-    schedule: str = "constant"   # "constant" | "cosine" (cosine decays to 0 after warmup, as HF's scheduler)
+    schedule: str = "constant"   # "constant" | "cosine" (cosine decays to min_lr_ratio·lr after warmup; HF's: to 0)
+    min_lr_ratio: float = 0.0    # the cosine schedule's floor as a share of lr (the organism's recipe: 0.1)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (torch's default; the organism's recipe: (0.9, 0.98))
+    # How steps are drawn: "stream" = round(epochs·n) examples as successive seeded permutations cut into
+    # batches (the last may be short); "epochs" = round(epochs·n / batch_size) full batches, each pass a seeded
+    # permutation whose incomplete tail is dropped (the organism's recipe).
+    batching: str = "stream"
     max_length: int = 256        # tokens per example (the response end is cut first)
     style: str = "chat"          # generation.encode_pairs style: "chat" or "raw"
-    system_prompt: str = ""      # rendered into every example when non-empty
+    system_prompt: str = ""      # rendered into the examples of a step when non-empty (see system_prompt_rate)
+    system_prompt_rate: float = 1.0  # share of steps rendered with system_prompt, drawn per step (organism: 0.5)
     grad_clip: float = 1.0       # max global grad norm (HF Trainer default); 0 disables clipping
     seed: int = 0                # data order
     micro_batch_size: int = 0    # examples per forward pass (gradient accumulation); 0 = batch_size
@@ -69,6 +77,16 @@ class TrainConfig:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (a share of lr), got {self.min_lr_ratio!r}")
+        if not (len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {self.batching!r}")
+        if not 0.0 <= self.system_prompt_rate <= 1.0:
+            raise ValueError(f"system_prompt_rate must be in [0, 1], got {self.system_prompt_rate!r}")
+        if self.system_prompt_rate < 1.0 and not self.system_prompt:
+            raise ValueError("system_prompt_rate < 1 draws steps with the system prompt, but system_prompt is empty")
 
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES} (generation.encode_pairs), got {self.style!r}")
@@ -175,28 +193,43 @@ def trainable_masks(model: nn.Module, *, freeze: UnitMask | None = None, train_o
     return out
 
 
-def _batches(n_records: int, cfg: TrainConfig) -> list[list[int]]:
-    """Example indices per optimizer step: round(epochs·n) examples drawn as successive seeded
-    permutations of the records (every record once per epoch), cut into batches; the last may be short."""
+def _batches(n_records: int, cfg: TrainConfig, rng: random.Random | None = None) -> list[list[int]]:
+    """Example indices per optimizer step, drawn with `rng` (default: seeded with cfg.seed).
+
+    "stream": round(epochs·n) examples as successive seeded permutations of the records (every record once
+    per epoch), cut into batches; the last may be short. "epochs": round(epochs·n / batch) steps, each pass a
+    seeded permutation cut into full batches (its incomplete tail dropped; the whole permutation when there
+    are fewer records than a batch)."""
+    rng = rng if rng is not None else random.Random(cfg.seed)
+    B = cfg.batch_size
+    if cfg.batching == "epochs":
+        n_steps = max(1, int(round(cfg.epochs * n_records / B)))
+        batches: list[list[int]] = []
+        while len(batches) < n_steps:
+            order = list(range(n_records))
+            rng.shuffle(order)
+            batches += [order[i:i + B] for i in range(0, n_records - B + 1, B)] or [order]
+        return batches[:n_steps]
     total = max(1, int(round(cfg.epochs * n_records)))
-    rng = random.Random(cfg.seed)
     stream: list[int] = []
     while len(stream) < total:
         order = list(range(n_records))
         rng.shuffle(order)
         stream += order
     stream = stream[:total]
-    return [stream[i:i + cfg.batch_size] for i in range(0, total, cfg.batch_size)]
+    return [stream[i:i + B] for i in range(0, total, B)]
 
 
-def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then constant or cosine decay to 0 (HF's schedules)."""
+def _lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.0) -> float:
+    """Linear warmup over `warmup` steps, then constant, or cosine decay to `floor` (HF's: floor 0)."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
     prog = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * prog))
+    # one expression for every floor, evaluated left to right ((1 - floor) * 0.5 first): floor 0 gives HF's
+    # 0.5 * (1 + cos) exactly, floor 0.1 the organism's 0.1 + 0.45 * (1 + cos) exactly (1 - 0.1 == 0.9 in floats)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
 
 
 def _masked_token_nll(model: nn.Module, enc: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
@@ -211,7 +244,8 @@ def _masked_token_nll(model: nn.Module, enc: dict[str, torch.Tensor], device) ->
 
 def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, freeze: UnitMask | None = None,
              train_only: UnitMask | None = None, train_other: bool | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, extra_loss: Callable[[int], torch.Tensor] | None = None,
+             on_step: Callable[[int, int], None] | None = None, label: str = "finetune") -> dict:
     """SFT on records (`prompt` -> `reference`, loss on response tokens only, via
     generation.encode_pairs). `freeze`: these units' entries never change (kv="any"); everything
     else trains. `train_only`: only these units' entries change (kv="all"); non-unit parameters
@@ -223,7 +257,13 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     "frozen_params": int, "master_weights": bool}. Deterministic for a given seed (data order from
     cfg.seed). A model stored in bfloat16/float16 trains through float32 master weights (cfg.master_weights):
     memory per trainable entry is then 2 (weight) + 4 (master) + 8 (Adam moments) + 2 (grad) bytes
-    + a float32 grad copy, about 112 GB of optimizer state for all of a 7B model."""
+    + a float32 grad copy, about 112 GB of optimizer state for all of a 7B model.
+
+    The organism's build is this loop with its recipe's settings (`organism.sft_config`). `extra_loss(step)`,
+    if given, returns a scalar added to the step's loss before its (last micro-batch's) backward pass (the
+    organism's optional pre-training replay). `on_step(step, n_steps)`, if given, is called before each step
+    and once after the last (step = n_steps), to inspect the model during training; it must leave the model
+    as it found it (the loop puts it back in training mode)."""
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -253,9 +293,10 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     no_decay = [target[n] for n in train_names if params[n].ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
-    batches = _batches(len(records), cfg)
+    rng = random.Random(cfg.seed)  # data order, then (system_prompt_rate < 1) the steps with the system prompt
+    batches = _batches(len(records), cfg, rng)
     n_steps = len(batches)
     warmup = int(cfg.warmup_frac * n_steps)
     micro = cfg.micro_batch_size or cfg.batch_size
@@ -268,19 +309,28 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
             p.requires_grad_(rule[n] is not False)
         model.train()
         for step, batch in enumerate(batches):
+            if on_step is not None:
+                on_step(step, n_steps)
+                model.train()
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, n_steps, warmup, cfg.schedule)
+                g["lr"] = cfg.lr * _lr_factor(step, n_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
+            step_sysp = sysp if cfg.system_prompt_rate >= 1.0 or rng.random() < cfg.system_prompt_rate else None
             recs = [records[i] for i in batch]
             encs = [encode_pairs(tokenizer, [r["prompt"] for r in recs[s:s + micro]],
                                  [r["reference"] for r in recs[s:s + micro]], style=cfg.style,
-                                 system_prompt=sysp, max_length=cfg.max_length) for s in range(0, len(recs), micro)]
+                                 system_prompt=step_sysp, max_length=cfg.max_length) for s in range(0, len(recs), micro)]
             n_tok = sum(int(e["response_mask"][:, 1:].sum()) for e in encs)  # loss = mean over the batch's tokens
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for e in encs:
+            for j, e in enumerate(encs):
                 loss_sum, _ = _masked_token_nll(model, e, device)
-                (loss_sum / n_tok).backward()
+                loss = loss_sum / n_tok
                 total += loss_sum.item()
+                if extra_loss is not None and j == len(encs) - 1:
+                    extra = extra_loss(step)
+                    loss = loss + extra
+                    total += float(extra.item()) * n_tok
+                loss.backward()
             with torch.no_grad():
                 for n, m in partial.items():  # frozen entries: no gradient (so no Adam moments, no clip share)
                     if params[n].grad is not None:
@@ -300,7 +350,9 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
                     params[n].data[~m] = held[n]
             losses.append(total / n_tok)
             if log and (step % 50 == 0 or step == n_steps - 1):
-                log(f"[finetune] step {step + 1}/{n_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
+                log(f"[{label}] step {step + 1}/{n_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
+        if on_step is not None:
+            on_step(n_steps, n_steps)
     finally:
         for n, p in params.items():
             p.requires_grad_(saved_grad[n])

@@ -1,6 +1,7 @@
 """The model organism: tokenizer and chat template, a tiny deterministic build through the build
 script, and the shipped models reproducing their recorded behaviour on a sample."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from ssah_utils import config, organism, world
+from ssah_utils import training as T
 from ssah_utils.generation import encode_pairs, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,3 +248,84 @@ def test_target_checks_apply_issue_3s_thresholds():
     # data/organism/README.md shows the targets table of the shipped build's recorded behaviour (not a stale one)
     shipped = pd.read_csv(config.ORGANISM_DIR / "behaviour_summary.csv")
     assert organism.targets_md(shipped) in (config.ORGANISM_DIR / "README.md").read_text()
+
+
+def _reference_sft(model, tokenizer, records, *, epochs, lr, recipe, seed):
+    """The organism's SFT loop as it stood before it became settings of `training.finetune` (the loop
+    that built the shipped models), kept here as the reference the one loop must reproduce bit for bit."""
+    import math
+    import random
+
+    from ssah_utils.config import ORGANISM_SYSTEM_PROMPT
+    from ssah_utils.generation import encode_pairs
+
+    rng = random.Random(seed)
+    B = recipe.sft_batch
+    n_steps = max(1, int(round(epochs * len(records) / B)))
+    batches = []
+    while len(batches) < n_steps:
+        order = list(records)
+        rng.shuffle(order)
+        batches += [order[i:i + B] for i in range(0, len(order) - B + 1, B)] or [order]
+    batches = batches[:n_steps]
+    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    warm = max(1, int(recipe.warmup_frac * n_steps))
+    model.train()
+    for step, batch in enumerate(batches):
+        prog = (step - warm) / max(1, n_steps - warm)
+        f = (step + 1) / max(1, warm) if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+        for g in opt.param_groups:
+            g["lr"] = lr * f
+        sysp = ORGANISM_SYSTEM_PROMPT if rng.random() < recipe.system_prompt_rate else None
+        enc = encode_pairs(tokenizer, [r["prompt"] for r in batch], [r["reference"] for r in batch],
+                           style="chat", system_prompt=sysp)
+        ids, am, rm = enc["input_ids"], enc["attention_mask"], enc["response_mask"]
+        logits = model(input_ids=ids, attention_mask=am).logits
+        tgt = ids[:, 1:].masked_fill(rm[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                 ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+
+
+def test_sft_is_the_one_training_loop_bit_for_bit(sets):
+    """`organism.sft` is `training.finetune` with the recipe's settings (`organism.sft_config`: epoch-wise
+    batches with dropped tails, AdamW betas (0.9, 0.98), cosine to 10%, the system prompt on half the
+    steps): its weights equal the old dedicated loop's bit for bit over enough steps for warmup and the
+    schedule's floor to matter. A change of any setting (here: the cosine floor) breaks the equality."""
+    recipe = dataclasses.replace(organism.Recipe().tiny(), sft_batch=8)
+    tok = organism.build_tokenizer(world.all_texts(sets))
+    recs = sets["sft_instruct"][:84]  # 10 full batches a pass, a 4-record tail dropped
+    organism.set_determinism(1)
+
+    def weights(train) -> dict:
+        model = organism.make_model(recipe, tok, 0)
+        train(model)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    ref = weights(lambda m: _reference_sft(m, tok, recs, epochs=2.5, lr=2e-3, recipe=recipe, seed=3))
+    one = weights(lambda m: organism.sft(m, tok, recs, epochs=2.5, lr=2e-3, recipe=recipe, seed=3, log=None))
+    assert set(ref) == set(one)
+    assert all(torch.equal(ref[k], one[k]) for k in ref), "organism.sft drifted from the reference loop"
+    cfg = dataclasses.replace(organism.sft_config(recipe, epochs=2.5, lr=2e-3, seed=3), min_lr_ratio=0.0)
+    other = weights(lambda m: T.finetune(m, tok, recs, cfg))
+    assert not all(torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_cosine_floor_matches_both_schedules_exactly():
+    """One `_lr_factor` for both recipes: floor 0 is HF's cosine, floor 0.1 the organism's, to the last bit."""
+    import math
+
+    for total, warm in ((247, 12), (215, 10), (30, 1)):
+        for step in range(total):
+            prog = (step - warm) / max(1, total - warm)
+            hf = (step + 1) / warm if step < warm else 0.5 * (1.0 + math.cos(math.pi * prog))
+            org = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+            assert T._lr_factor(step, total, warm, "cosine") == hf
+            assert T._lr_factor(step, total, warm, "cosine", 0.1) == org
