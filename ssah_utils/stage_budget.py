@@ -120,7 +120,7 @@ class BudgetConfig:
     preset: str
     model: str  # the notebook's `model` override ("" = the preset's models), passed to config.get_preset
     base: str  # the pre-trained base model spec (the model that is aligned)
-    reference: str  # the preset's aligned model, evaluated beside the runs and labelled for Fig 6
+    reference: str  # the preset's aligned model, evaluated beside the runs and labelled for Fig 6 ("" = none: a base alone)
     seed: int = 0  # calibration draw and evaluation sample
     dtype: str = "float32"
     device: str = "auto"
@@ -278,7 +278,9 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                               batch_size=int(batch_size), wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
                               n_nll=int(p.extra.get("n_nll", 0)))
     c.activate_run(preset, model or "", seed)
-    return BudgetConfig(preset=preset, model=model or "", base=p.base, reference=p.aligned, seed=int(seed),
+    # A model given alone (MODEL=..., a custom preset: aligned = base) has no separate aligned reference.
+    reference = "" if (not p.is_organism and p.aligned == p.base) else p.aligned
+    return BudgetConfig(preset=preset, model=model or "", base=p.base, reference=reference, seed=int(seed),
                         dtype=p.dtype, device=p.device, ru_frac=float(ru_frac), threshold_rule=threshold_rule,
                         wifv_variant=wifv_variant, n_calib=int(n_calib),
                         seeds=tuple(int(seed) + i for i in range(int(n_seeds))), conditions=tuple(conditions),
@@ -622,7 +624,8 @@ def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
         m["ppl"] = float(perplexity(model, tok, texts, batch_size=e.batch_size))
     if e.wikitext_windows or e.n_nll:
         m.update(real_utility(model, tok, wikitext_windows=e.wikitext_windows,
-                              nll_records=heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=min(e.batch_size, 16)))
+                              nll_records=heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=min(e.batch_size, 16),
+                              style=style))
     return {"metrics": m, "rows": allrows}
 
 
@@ -655,6 +658,9 @@ def evaluate_reference(cfg: BudgetConfig, which: str) -> dict:
     (`'reference'`, chat format), cached."""
     if which not in REFERENCES:
         raise ValueError(f"which must be one of {REFERENCES}, got {which!r}")
+    if which == "reference" and not cfg.reference:
+        raise ValueError("this config has no aligned reference (a model given alone: its base is the model itself); "
+                         "evaluate 'base' or the runs")
     if which == "base":
         model, tok = load_base(cfg)
         style = cfg.base_style
@@ -683,7 +689,7 @@ def table4(cfg: BudgetConfig, log=print) -> dict:
     `runs`: one row per run; `summary`: mean, sd (ddof 1) and n per condition; alignment tax = base task
     accuracy minus the condition's."""
     rows = []
-    for which, label in (("base", "base"), ("reference", "reference")):
+    for which, label in (("base", "base"), ("reference", "reference"))[:2 if cfg.reference else 1]:
         m = evaluate_reference(cfg, which)["metrics"]
         rows.append({"condition": label, "seed": -1, "trained_unit_params_pct": 0.0, "final_loss": np.nan,
                      "train_seconds": np.nan, "moved_outside_mask": 0, **m})
@@ -731,7 +737,9 @@ def table4_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("trained_u
 def response_examples(cfg: BudgetConfig, role: str = "harmful", n: int = 2) -> pd.DataFrame:
     """The first `n` prompts of one evaluation set (`role`: harmful, jailbreak, borderline, utility, howto)
     with each model's answer and verdict: base, reference and every condition's first-seed run."""
-    models = {"base": evaluate_reference(cfg, "base"), "reference": evaluate_reference(cfg, "reference")}
+    models = {"base": evaluate_reference(cfg, "base")}
+    if cfg.reference:
+        models["reference"] = evaluate_reference(cfg, "reference")
     models.update({c: evaluate_run(cfg, c, cfg.seeds[0]) for c in cfg.conditions})
     rows = []
     for name, res in models.items():
@@ -802,7 +810,7 @@ def transfer(cfg: BudgetConfig, afters: tuple[str, ...] = ("reference", "full", 
     before = base_labels(cfg)
     mats, shares, how = {}, [], {}
     for a in afters:
-        if a != "reference" and a not in cfg.conditions:
+        if (a != "reference" and a not in cfg.conditions) or (a == "reference" and not cfg.reference):
             continue
         lab, used = labels_after(cfg, a)
         how[a] = used

@@ -141,10 +141,11 @@ def wikitext2_perplexity(model, tokenizer, *, window: int = 512, n_windows: int 
 
 
 def response_nll(model, tokenizer, records: Sequence[dict], *, max_length: int = 256, system_prompt: str = "",
-                 batch_size: int = 16) -> float:
-    """Mean NLL of the reference answers (`training.response_loss`, chat format, as the model is tuned)."""
+                 batch_size: int = 16, style: str = "chat") -> float:
+    """Mean NLL of the reference answers (`training.response_loss`) in the model's format: "chat" (a chat
+    model, as it is tuned) or "raw" (a base model's instruction format, no system prompt)."""
 
-    cfg = TrainConfig(style="chat", max_length=max_length, system_prompt=system_prompt)
+    cfg = TrainConfig(style=style, max_length=max_length, system_prompt=system_prompt)
     return response_loss(model, tokenizer, list(records), cfg, batch_size=batch_size)
 
 

@@ -71,6 +71,25 @@ def test_conversion_of_the_real_file_keeps_the_logits(monkeypatch, tmp_path):
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.skipif(not (rm.gemma3_home() / "packages" / rm.GEMMA3_MODULE).is_dir(),
+                    reason="the Gemma-3-270M packages are not installed (python scripts/gemma3_first_look.py; Gemma terms)")
+@pytest.mark.slow  # ~2 min: loads the 268M-parameter GGUF twice and writes 1 GB
+def test_gemma3_conversion_keeps_the_logits(monkeypatch, tmp_path):
+    """The second family's base converts through the same generic `plain_copy` to a plain Gemma3ForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv(rm.MODELS_ENV, str(tmp_path))
+    out = rm.convert_gemma3(log=lambda m: None)
+    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert type(plain).__name__ == "Gemma3ForCausalLM" and plain.config.num_hidden_layers == 18
+    gguf_model, _ = rm.load_gguf(rm.gemma3_gguf()[0])
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    assert ids[0, 0].item() == tok.bos_token_id  # the base expects its BOS; the tokenizer adds it
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, gguf_model(input_ids=ids).logits)
+
+
 def test_smollm2_preset_points_at_the_built_folders_and_real_sets():
     from ssah_utils import config, datasets
     from ssah_utils.stage_freeze import HARMFUL_ATTACKS

@@ -202,3 +202,14 @@ def test_summary_reads_the_tax_from_perplexity_where_wikitext_is_measured(monkey
     assert "Alignment tax, full SFT +10.0% vs RU-only +20.0%" in text
     organism = B.summary_text(cfg)  # no WikiText: task-accuracy points, as before
     assert "alignment tax 1.0 ± 0.1 points" in organism and "perplexity rise" not in organism
+
+
+def test_a_model_given_alone_has_no_reference_and_says_so():
+    """MODEL=<a base> (a custom preset: aligned = base, e.g. Gemma-3-270M for `scripts/gemma3_budget.py`):
+    04 aligns it in the raw format with no separate aligned reference; asking for one is a clear error,
+    while a preset's own aligned model stays the reference."""
+    cfg = B.make_config("smollm2-135m", model="org/some-base", alignment="instruct", n_seeds=1)
+    assert cfg.reference == "" and cfg.base == "org/some-base" and cfg.style == "raw"
+    with pytest.raises(ValueError, match="no aligned reference"):
+        B.evaluate_reference(cfg, "reference")
+    assert B.make_config("organism").reference == "organism:aligned"
