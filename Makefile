@@ -40,7 +40,7 @@ RUN_ENV      := $(if $(SSAH_DATA_ROOT),,$(if $(wildcard $(SHARED_DATA)),SSAH_DAT
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course
+.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course book test-book
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -107,11 +107,12 @@ reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organi
 # of that run (the tables of cells masked in nbval, tests/nbval_policy.py) with the committed tables
 # within the stated tolerances.
 TEST_OUT     := runs/test-outputs
-test: $(STAMP) ## Lint, the notebook-source check, the unit tests (pytest) and the notebook checks (nbval + tolerance check)
+test: $(STAMP) ## Lint, the notebook-source check, the unit tests (pytest), the notebook checks (nbval + tolerance check) and the book's browser test
 	$(VENV)/bin/ruff check .
 	$(PY) scripts/notebooks.py check
 	$(TEST_ENV) $(PY) -m pytest tests
 	$(MAKE) --no-print-directory test-notebooks
+	$(MAKE) --no-print-directory test-book
 
 test-fast: $(STAMP) ## The contributor's loop (< 5 min): lint, notebook pairs, unit tests not marked slow; no notebook runs
 	$(VENV)/bin/ruff check .
@@ -150,6 +151,25 @@ course: $(STAMP) ## The course kit: student copies of 01-04 (course/student/, an
 
 test-course: $(STAMP) ## Every exercise: the master's answer passes its checker, the student stub fails it with the hint (seconds; in make test-fast too)
 	$(PY) scripts/course.py test
+
+# The static book (Jupyter Book 1 on Sphinx) lives in its own environment: it needs no torch, and its pins
+# (markdown-it-py 3) differ from the project's stack. The site is built from committed results only.
+BOOK_VENV    ?= .venv-book
+BOOK_STAMP   := $(BOOK_VENV)/.ssah-book-installed
+BOOK_OUT     ?= build/book
+CHROMIUM     ?=
+$(BOOK_STAMP): book/requirements.txt
+	@echo "[book] creating $(BOOK_VENV) (Jupyter Book, Playwright; about 1 min)"
+	@test -x $(BOOK_VENV)/bin/python || $(PYTHON) -m venv $(BOOK_VENV)
+	@$(BOOK_VENV)/bin/python -m pip install -q --disable-pip-version-check -r book/requirements.txt
+	@touch $(BOOK_STAMP)
+
+book: $(STAMP) $(BOOK_STAMP) ## The static book (build/book/html): every tier's executed notebooks, scorecards, model cards, the course guide (offline, seconds)
+	$(PY) scripts/build_book.py build $(BOOK_OUT) $(BOOK_VENV)/bin
+
+test-book: book ## Open every page of the book in headless Chromium: it renders, its images load, no link is broken (needs Debian's chromium)
+	$(BOOK_VENV)/bin/python scripts/check_book.py --self-test $(if $(CHROMIUM),--chromium $(CHROMIUM))
+	$(BOOK_VENV)/bin/python scripts/check_book.py $(BOOK_OUT)/html $(if $(CHROMIUM),--chromium $(CHROMIUM))
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) $$b; done
