@@ -107,11 +107,12 @@ reproduce: $(STAMP) ## Run every numbered notebook with papermill (PRESET=organi
 # of that run (the tables of cells masked in nbval, tests/nbval_policy.py) with the committed tables
 # within the stated tolerances.
 TEST_OUT     := runs/test-outputs
-test: $(STAMP) ## Lint, the notebook-source check, the unit tests (pytest), the notebook checks (nbval + tolerance check) and the book's browser test
+test: $(STAMP) ## Lint, the notebook-source check, the unit tests (pytest), the notebook checks (nbval + tolerance check), the course kit's student notebooks and the book's browser test
 	$(VENV)/bin/ruff check .
 	$(PY) scripts/notebooks.py check
 	$(TEST_ENV) $(PY) -m pytest tests
 	$(MAKE) --no-print-directory test-notebooks
+	$(MAKE) --no-print-directory test-course
 	$(MAKE) --no-print-directory test-book
 
 test-fast: $(STAMP) ## The contributor's loop (< 5 min): lint, notebook pairs, unit tests not marked slow; no notebook runs
@@ -149,8 +150,10 @@ figures: $(STAMP) notebooks/05_figures.py $(PKG_SRC) ## Redraw every figure and 
 course: $(STAMP) ## The course kit: student copies of 01-04 (course/student/, answers replaced by stubs) and the exercise table of course/GUIDE.md
 	$(PY) scripts/course.py build
 
-test-course: $(STAMP) ## Every exercise: the master's answer passes its checker, the student stub fails it with the hint (seconds; in make test-fast too)
+test-course: $(STAMP) ## The course kit: each exercise's answer passes and its stub fails with the hint (seconds), then every student copy run whole with the answers and with the stubs (classroom preset, minutes)
 	$(PY) scripts/course.py test
+	rm -rf build/test-course
+	$(TEST_ENV) SSAH_OUTPUT_DIR=$(abspath build/test-course) $(PY) scripts/course.py run
 
 # The static book (Jupyter Book 1 on Sphinx) lives in its own environment: it needs no torch, and its pins
 # (markdown-it-py 3) differ from the project's stack. The site is built from committed results only.

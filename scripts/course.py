@@ -2,6 +2,9 @@
 
     python scripts/course.py build [--out course]   # course/student/NN_name.ipynb and the table in course/GUIDE.md
     python scripts/course.py test                   # every exercise: the master's answer passes, the stub fails with its hint
+    python scripts/course.py run                    # every student copy run whole (classroom preset), with the answers
+                                                    # filled in (every cell succeeds) and with the stubs (every check
+                                                    # fails with its hint); prints each notebook's time
 
 A student copy is the notebook's jupytext source with each cell tagged `solution` replaced by a stub (the
 answer's function signatures, each raising NotImplementedError), the parameters of the classroom preset
@@ -71,12 +74,14 @@ def classroom_parameters(source: str, name: str) -> str:
     return "\n".join(out)
 
 
-def student_copy(name: str):
+def student_copy(name: str, *, answers: bool = False):
+    """The student's notebook (classroom parameters, stubs, no outputs); `answers=True` keeps the master's
+    answers in place of the stubs (what a student who solved every exercise holds)."""
     nb = _read(name)
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
             cell.source = classroom_parameters(cell.source, name)
-        if "solution" in cell.metadata.get("tags", []):
+        if "solution" in cell.metadata.get("tags", []) and not answers:
             cell.source = stub(cell.source)
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
@@ -131,6 +136,40 @@ def check_notebook(name: str) -> list[str]:
     return problems
 
 
+def execute_student(name: str, *, answers: bool, timeout: int = 1800) -> tuple[float, list[str]]:
+    """Run a whole student copy in a fresh kernel (cwd: the repository root), as a student runs it: with the
+    answers filled in every cell must succeed; with the stubs every `course.check` cell must fail with
+    `ExerciseFailed` carrying its exercise's hint, and every other cell must still succeed. Returns the
+    seconds it took and the problems found."""
+    import time
+
+    from nbclient import NotebookClient
+
+    nb = student_copy(name, answers=answers)
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, allow_errors=True,
+                            resources={"metadata": {"path": str(ROOT)}})
+    t0 = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - t0
+    problems = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        check = re.search(r'course\.check\("(E\d+)"', cell.source)
+        where = f"{name} cell {i}" + (f" ({check.group(1)})" if check else "")
+        if answers or not check:
+            problems += [f"{where}: {e['ename']}: {e['evalue'][:300]}" for e in errors]
+        elif not errors:
+            problems.append(f"{where}: the stub passed its checker")
+        else:
+            e = errors[0]
+            hint = course.EXERCISES[check.group(1)].hint
+            if e["ename"] != "ExerciseFailed" or hint not in e["evalue"]:
+                problems.append(f"{where}: expected ExerciseFailed with the hint, got {e['ename']}: {e['evalue'][:300]}")
+    return seconds, problems
+
+
 def guide_table() -> str:
     rows = ["| id | notebook | write | goal | difficulty | minutes |", "|---|---|---|---|---|---|"]
     for e in course.EXERCISES.values():
@@ -161,9 +200,27 @@ def build(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=("build", "test"))
+    ap.add_argument("command", choices=("build", "test", "run"))
     ap.add_argument("--out", default=str(ROOT / "course"))
+    ap.add_argument("--notebooks", default=",".join(NOTEBOOKS), help="run: which student copies (comma-separated)")
     a = ap.parse_args(argv)
+    if a.command == "run":
+        names = [n.strip() for n in a.notebooks.split(",") if n.strip()]
+        bad = [n for n in names if n not in NOTEBOOKS]
+        if bad or not names:
+            ap.error(f"--notebooks must name some of {', '.join(NOTEBOOKS)}, got {a.notebooks!r}")
+        problems = []
+        for answers in (True, False):
+            for name in names:
+                seconds, found = execute_student(name, answers=answers)
+                problems += found
+                print(f"[course] {name} with {'the answers' if answers else 'the stubs'}: {seconds:.0f} s, "
+                      f"{'ok' if not found else f'{len(found)} problems'}", flush=True)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"[course] {len(names)} student notebooks run whole, with the answers and with the stubs: "
+              f"{'every answer passes and every stub fails with its hint' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
     if a.command == "build":
         for p in build(Path(a.out)):
             print(f"wrote {p}")
