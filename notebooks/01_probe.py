@@ -60,6 +60,7 @@ import pandas as pd
 from IPython.display import display
 
 from ssah_utils import config, paper, plots, stage_probe as sp
+from ssah_utils import report_probe as rp
 
 config.seed_everything(seed)
 cfg = sp.make_config(
@@ -111,7 +112,7 @@ t2.pivot_table(index=["role", "continuation"], columns="n_tokens", values="mean"
 # shows the reverse. Compare the two rows of each model here.
 
 # %%
-fig = sp.plot_fig2(t2, f"Fig 2 analogue: distance at point {point} ({cfg.preset})")
+fig = rp.plot_fig2(t2, f"Fig 2 analogue: distance at point {point} ({cfg.preset})")
 plots.save_figure(fig, "fig2_probe_distance_tokens")
 fig
 
@@ -122,7 +123,7 @@ fig
 # %%
 k_max = max(cfg.distance.lengths)
 t3 = sp.fig3_table(dist, k_max)
-fig = sp.plot_fig3(t3, f"Fig 3 analogue: distance per block, {k_max} continuation tokens")
+fig = rp.plot_fig3(t3, f"Fig 3 analogue: distance per block, {k_max} continuation tokens")
 plots.save_figure(fig, "fig3_probe_distance_blocks")
 fig
 
@@ -142,7 +143,7 @@ t4.round(3)
 # ("malicious") continuation; the sign, which the absolute value hides, is what tells the models apart.
 
 # %%
-fig = sp.plot_fig4(t4, f"Fig 4 analogue: d(refusal) - d(compliance), {k_max} tokens")
+fig = rp.plot_fig4(t4, f"Fig 4 analogue: d(refusal) - d(compliance), {k_max} tokens")
 plots.save_figure(fig, "fig4_probe_distance_gap")
 fig
 
@@ -190,7 +191,7 @@ side.merge(ours[["setting", "mean"]].rename(columns={"mean": f"ours ({cfg.preset
 # %%
 dist7 = sp.distances(cfg, set_name=cfg.sets.appendix)
 t7_tokens, t7_blocks = sp.fig2_table(dist7, point), sp.fig3_table(dist7, k_max)
-fig = sp.plot_fig7(t7_tokens, t7_blocks, f"Fig 7 analogue: {cfg.sets.appendix}")
+fig = rp.plot_fig7(t7_tokens, t7_blocks, f"Fig 7 analogue: {cfg.sets.appendix}")
 plots.save_figure(fig, "fig7_probe_distance_appendix")
 fig
 
@@ -228,7 +229,7 @@ acc.pivot(index="point", columns="role", values="test_acc").round(3)
 # harmful); alignment adds the *use* of that distinction for a refusal.
 
 # %%
-fig = sp.plot_probes(acc)
+fig = rp.plot_probes(acc)
 plots.save_figure(fig, "figx_probe_linear")
 fig
 
@@ -273,7 +274,7 @@ dvb.round(3)
 # `refusal_if_benign_side` is low, its `refusal_if_harmful_side` high and its agreement near 1.
 
 # %%
-fig = sp.plot_direction(dr["requests"], dpoint)
+fig = rp.plot_direction(dr["requests"], dpoint)
 plots.save_figure(fig, "figx_probe_direction")
 fig
 
@@ -312,7 +313,7 @@ sep.pivot(index="step", columns="contrast", values="auc").round(3)
 
 # %%
 groups = ["plain harmful", "plain benign", "jailbreak: benign_motive", "jailbreak: prefilling", "prefilled benign"]
-fig = sp.plot_tokens(dr["tokens"], sep, [g for g in groups if g in set(dr["tokens"]["group"])])
+fig = rp.plot_tokens(dr["tokens"], sep, [g for g in groups if g in set(dr["tokens"]["group"])])
 plots.save_figure(fig, "figx_probe_tokens")
 fig
 

@@ -57,6 +57,7 @@ batch_size = 96  # prompts per generation batch (0: the preset's); larger is che
 # NBVAL_IGNORE_OUTPUT
 from ssah_utils import config, plots
 from ssah_utils import stage_classify as sc
+from ssah_utils import report_classify as rc
 
 config.seed_everything(seed)
 cfg = sc.make_config(preset, model or None, seed, h0=h0, h1=h1, h2=h2, threshold_rule=threshold_rule, wifv_variant=wifv_variant,
@@ -120,7 +121,7 @@ fractions.round(2)
 # channels (which weigh very different numbers of parameters) are picked unevenly. Where the layers hold them:
 
 # %%
-fig = sc.plot_layer_map(cfg)
+fig = rc.plot_layer_map(cfg)
 _ = plots.save_figure(fig, "fig_classify_layer_map")
 
 # %% [markdown]
@@ -128,7 +129,7 @@ _ = plots.save_figure(fig, "fig_classify_layer_map")
 # standardised scores of every unit: ESU sit far above the diagonal (important for safety, not for utility).
 
 # %%
-fig = sc.plot_scores(cfg)
+fig = rc.plot_scores(cfg)
 _ = plots.save_figure(fig, "fig_classify_scores")
 
 # %% [markdown]
@@ -236,7 +237,7 @@ est_table.round(2)
 
 # %%
 dose = sc.dose_response(cfg)["curve"]
-fig = sc.plot_dose(dose)
+fig = rc.plot_dose(dose)
 _ = plots.save_figure(fig, "fig_classify_dose")
 
 # %% [markdown]

@@ -58,6 +58,7 @@ relabel = True  # relabel the fully fine-tuned models (Fig 5)
 # NBVAL_IGNORE_OUTPUT
 from ssah_utils import config, plots
 from ssah_utils import stage_freeze as sf
+from ssah_utils import report_freeze as rf
 
 config.seed_everything(seed)
 cfg = sf.config_from_params(dict(  # the one mapping from these parameters to the config (05_figures uses it too)
@@ -160,7 +161,7 @@ vs.round(2)
 # after fine-tuning?), not magnitudes.
 
 # %%
-fig = sf.plot_asr(df)
+fig = rf.plot_asr(df)
 _ = plots.save_figure(fig, "fig_freeze_asr")
 
 # %% [markdown]
@@ -173,7 +174,7 @@ _ = plots.save_figure(fig, "fig_freeze_asr")
 # noise floor: the aligned model labelled on the two disjoint halves of one calibration draw, with no fine-tuning.
 
 # %% tags=["nbval-ignore-output"]
-fig = sf.plot_transfer(cfg) if cfg.relabel else None
+fig = rf.plot_transfer(cfg) if cfg.relabel else None
 if fig is not None:
     _ = plots.save_figure(fig, "fig5_freeze_label_transfer")
     plots.save_table(sf.transfer_summary(cfg), "fig5_freeze_label_transfer")

@@ -60,6 +60,7 @@ n_train = 0  # alignment records: a seeded sample of this many (0 = all; CPU-siz
 import pandas as pd
 from ssah_utils import config, plots
 from ssah_utils import stage_budget as sb
+from ssah_utils import report_budget as rb
 
 config.seed_everything(seed)
 cfg = sb.config_from_params(dict(  # the one mapping from these parameters to the config (05_figures uses it too)
@@ -144,7 +145,7 @@ runs.groupby("condition", sort=False)["train_seconds"].sum().round(0)
 # The same numbers as a figure, each seed a dot:
 
 # %%
-fig = sb.plot_tax(t4["runs"])
+fig = rb.plot_tax(t4["runs"])
 _ = plots.save_figure(fig, "fig_budget_tax")
 
 # %% [markdown]
@@ -154,7 +155,7 @@ _ = plots.save_figure(fig, "fig_budget_tax")
 # Did the runs learn? The training loss of the first seed of each condition:
 
 # %%
-fig = sb.plot_losses(cfg)
+fig = rb.plot_losses(cfg)
 _ = plots.save_figure(fig, "fig_budget_losses")
 
 # %% [markdown]
@@ -197,7 +198,7 @@ vs
 # %%
 tr = sb.transfer(cfg)
 plots.save_table(sb.transfer_table(tr), "fig6_budget_label_transfer")
-fig = sb.plot_transfer(tr)
+fig = rb.plot_transfer(tr)
 _ = plots.save_figure(fig, "fig6_budget_label_transfer")
 
 # %% [markdown]

@@ -163,8 +163,9 @@ def config_key(stage: str, config: Any, model_revision: str = "", code: str = ""
 
 _PACKAGE = __name__.rsplit(".", 1)[0]  # "ssah_utils"
 # Modules that never shape a cached result: this cache (its layout is CACHE_FORMAT), figure and table
-# writing, the paper's reported numbers and 05's redrawing.
-CODE_EXCLUDED = frozenset({"cache", "plots", "paper", "stage_figures"})
+# writing, the paper's reported numbers, the stages' reports (their figures) and 05's redrawing.
+CODE_EXCLUDED = frozenset({"cache", "plots", "paper", "stage_figures", "report", "report_probe", "report_classify",
+                           "report_freeze", "report_budget"})
 _CODE_MEMO: dict[str, str] = {}
 
 

@@ -35,7 +35,7 @@ from . import config as _config
 from . import stage_classify as sc
 from .models import UnitMask, adapter_for, forget_revision, model_revision
 from .training import TrainConfig, finetune, snapshot, verify_frozen
-from .units import LABELS, Labels, ranked_mask, standardize, transfer_matrix
+from .units import Labels, ranked_mask, standardize, transfer_matrix
 from .organism import upsample
 from . import real_align
 from .real_align import AlignRecipe
@@ -43,8 +43,6 @@ from .organism import Recipe, sft_config
 from .evaluation import task_correct as _tc
 from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
 from .paper import reported
-from .plots import set_style
-from .plots import UNIT_COLORS
 
 STAGE = "budget"
 CONDITIONS = ("full", "ru_only", "random_only", "top_only")
@@ -828,79 +826,6 @@ def transfer_table(tr: dict) -> pd.DataFrame:
 # Figures
 # --------------------------------------------------------------------------------------------------
 
-_AFTER_TITLE = {"reference": "shipped aligned model", "full": "full SFT (seed 0)", "ru_only": "RU-only SFT (seed 0)",
-                "random_only": "random-units SFT (seed 0)", "top_only": "top-utility SFT (seed 0)"}
-
-
-def plot_transfer(tr: dict):
-    """Heatmaps: base labels (rows: RU, EUU) against labels after alignment (columns), percent of row."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    mats = tr["matrices"]
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.3 * len(mats), 2.6), squeeze=False)
-    for ax, (name, m) in zip(axes[0], mats.items()):
-        ax.imshow(m.to_numpy(), cmap="Greens", vmin=0, vmax=100, aspect="auto")
-        ax.set_xticks(range(len(LABELS)), LABELS)
-        ax.set_yticks(range(len(m.index)), [f"base {x}" for x in m.index])
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                v = m.iat[i, j]
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v > 60 else "black", fontsize=9)
-        ax.set_title(f"base → {_AFTER_TITLE.get(name, name)}", fontsize="small")
-        ax.grid(False)
-    axes[0][0].set_ylabel("label in the base")
-    fig.supxlabel("label after alignment (% of the row's units)", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
-def plot_tax(runs: pd.DataFrame):
-    """Task accuracy and harmful compliance per condition: mean ± sd bars with each seed as a dot;
-    the base (dashed) and the reference aligned model (dotted) as lines."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    colors = {"full": "#7f7f7f", "ru_only": UNIT_COLORS["RU"], "random_only": "#bcbd22", "top_only": UNIT_COLORS["EUU"]}
-    conds = [c for c in CONDITIONS if c in set(runs["condition"])]
-    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2))
-    for ax, metric, title in zip(axes, ("task_accuracy", "harmful"), ("task accuracy (%)", "harmful compliance (%)")):
-        for i, c in enumerate(conds):
-            v = runs.loc[runs["condition"] == c, metric]
-            ax.bar(i, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, color=colors[c], capsize=3, alpha=0.8)
-            ax.scatter(np.full(len(v), i), v, color="black", s=8, zorder=3)
-        for ref, ls in (("base", "--"), ("reference", ":")):
-            v = runs.loc[runs["condition"] == ref, metric]
-            if len(v):
-                ax.axhline(float(v.iloc[0]), ls=ls, color="black", lw=1, label=ref)
-        ax.set_xticks(range(len(conds)), [c.replace("_", "\n") for c in conds])
-        ax.set_title(title)
-        ax.set_ylim(0, 100)
-    axes[1].legend(fontsize="small", loc="upper right")
-    fig.tight_layout()
-    return fig
-
-
-def plot_losses(cfg: BudgetConfig):
-    """Training loss per step of the first seed of each condition (stages one after another)."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    colors = {"full": "#7f7f7f", "ru_only": UNIT_COLORS["RU"], "random_only": "#bcbd22", "top_only": UNIT_COLORS["EUU"]}
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    for c in cfg.conditions:
-        d = train_run(cfg, c, cfg.seeds[0])["losses"]
-        ax.plot(np.arange(1, len(d) + 1), d["loss"], color=colors[c], lw=1, label=c)
-    ax.set_xlabel("optimizer step (all SFT stages)")
-    ax.set_ylabel("response-token loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
-
 
 # --------------------------------------------------------------------------------------------------
 # Summary in words
@@ -968,6 +893,6 @@ __all__ = [
     "BudgetConfig", "BudgetEvalConfig", "SFTStage", "CONDITIONS", "make_config", "base_scores", "select_budget",
     "budget_masks", "condition_mask", "mask_table", "base_labels", "align", "unit_change", "train_run",
     "trained_model", "evaluate", "evaluate_run", "evaluate_reference", "table4", "summarize", "table4_display",
-    "table4_vs_paper", "labels_after", "transfer", "transfer_table", "plot_transfer", "plot_tax", "plot_losses",
+    "table4_vs_paper", "labels_after", "transfer", "transfer_table",
     "summary_text", "task_correct", "stages_table", "response_examples",
 ]

@@ -34,7 +34,6 @@ from .units import (LABELS, Labels, activation_stats, jaccard, label_units, rank
                     wifv_authors_z)
 from . import evaluation
 from .generation import encode_pairs, without_final_eos
-from .plots import UNIT_COLORS, set_style
 from .paper import reported
 
 STAGE = "classify"
@@ -794,75 +793,11 @@ def bias_table(runs: pd.DataFrame) -> pd.DataFrame:
 # Figures
 # --------------------------------------------------------------------------------------------------
 
-def plot_layer_map(cfg: ClassifyConfig):
-    """Stacked bars: share of each label per layer, MLP channels and heads side by side."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    tab = layer_map(cfg)
-    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.4), sharey=True)
-    for ax, module, title in zip(axes, ("mlp", "attn"), ("MLP channels", "attention heads")):
-        t = tab.xs(module, level="module")
-        bottom = np.zeros(len(t))
-        for lab in LABELS:
-            ax.bar(t.index, t[lab], bottom=bottom, color=UNIT_COLORS[lab], label=lab, width=0.8)
-            bottom += t[lab].to_numpy()
-        ax.set_title(title)
-        ax.set_xlabel("layer")
-        ax.set_xticks(list(t.index))
-    axes[0].set_ylabel("% of the layer's units")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
-def plot_scores(cfg: ClassifyConfig):
-    """z_S against z_U for every unit, coloured by label (MLP channels dots, heads crosses)."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    df = labels(cfg).frame()
-    fig, ax = plt.subplots(figsize=(4.8, 4.0))
-    for lab in LABELS:
-        for module, marker, size in (("mlp", "o", 6), ("attn", "x", 30)):
-            d = df[(df["label"] == lab) & (df["module"] == module)]
-            ax.scatter(d["z_utility"], d["z_safety"], s=size, marker=marker, c=UNIT_COLORS[lab], alpha=0.6,
-                       label=f"{lab} ({module})" if len(d) else None, linewidths=0.8)
-    ax.set_xlabel("z-scored utility importance $I_U$")
-    ax.set_ylabel("z-scored safety importance $I_S$")
-    ax.legend(fontsize="x-small", ncol=2)
-    fig.tight_layout()
-    return fig
-
-
-def plot_dose(curve: pd.DataFrame):
-    """ASR and utility against the share of parameters removed, one line per ranking (sd over random orders)."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    colors = {"ESU-like": UNIT_COLORS["ESU"], "EUU-like": UNIT_COLORS["EUU"], "RU-like": UNIT_COLORS["RU"], "random": "black"}
-    fig, axes = plt.subplots(1, 3, figsize=(10.0, 3.2))
-    for ax, metric, title in zip(axes, ("asr", "refusal", "utility"),
-                                 ("attack success rate (%)", "refusals of harmful requests (%)", "task accuracy (%)")):
-        for ranking, d in curve.groupby("ranking", sort=False):
-            g = d.groupby("fraction")[metric]
-            x = 100 * g.mean().index.to_numpy()
-            ax.errorbar(x, g.mean(), yerr=g.std(ddof=0).fillna(0), label=ranking, color=colors[ranking], marker="o",
-                        ms=3, capsize=2, ls="--" if ranking == "random" else "-")
-        ax.set_xlabel("% of unit parameters removed")
-        ax.set_title(title)
-    axes[2].legend(fontsize="small")
-    fig.tight_layout()
-    return fig
-
 
 __all__ = [
     "ClassifyConfig", "CalibConfig", "EvalConfig", "make_config", "load", "calibration", "scores", "labels",
     "label_fractions", "layer_map", "table1", "summarize", "table1_display", "esu_verdict", "stability",
-    "dose_response", "evaluate", "plot_layer_map", "plot_scores", "plot_dose", "unit_groups",
+    "dose_response", "evaluate", "unit_groups",
 ]
 
 

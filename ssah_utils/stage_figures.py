@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -32,11 +30,9 @@ from . import cache, plots
 from . import config as _config
 from .nbparams import notebook_folder, notebook_params, read_parameters  # noqa: F401 (re-exported)
 from .paper import reported
-from . import stage_probe as sp
-from . import stage_classify as sc
-from . import stage_freeze as sf
-from . import stage_budget as sb
 from . import stage_budget, stage_classify, stage_freeze, stage_probe
+from . import report_budget, report_classify, report_freeze, report_probe
+from .report import DRY, FAILS, HOLDS, MISSING, UNTESTABLE, VERDICT_COLORS, Section, close_figures, plot_scorecard, save_scorecard  # noqa: F401,E501 (re-exported)
 from .stage_freeze import PAPER_SETTING, paper_dataset
 from .stage_freeze import COND_LABELS, HARMFUL_ATTACKS
 
@@ -50,8 +46,6 @@ OVERRIDES = ("preset", "model", "seed")  # 05's own parameters, applied to every
 SD_FLOOR = 1.0
 K_SD = 2.0
 MOST = 50.0  # "most" / "more than half" in the paper's words (Figs 5, 6): a share above 50%
-HOLDS, FAILS, MISSING, UNTESTABLE = "holds", "does not hold on this model", "missing", "not testable here"
-VERDICT_COLORS = {HOLDS: "#b7e1b0", FAILS: "#f4b6b6", MISSING: "#dddddd", UNTESTABLE: "#eeeeee"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,17 +79,14 @@ class MissingResults(RuntimeError):
             f"every notebook), then rerun 05. Nothing was written.\n{detail}")
 
 
-_DRY: list[bool] = [False]  # while True, sections read and draw but write no file (`missing_sections`)
-
-
 def missing_sections(cfg: "FiguresConfig") -> dict[str, str]:
     """Section -> why it cannot be redrawn (its CacheMiss or config error), for every section that cannot;
     checked by running each section read-only without writing anything."""
-    _DRY[0] = True
+    DRY[0] = True
     try:
         secs = run_all(cfg)
     finally:
-        _DRY[0] = False
+        DRY[0] = False
     return {k: s.message for k, s in secs.items() if not s.ok}
 
 
@@ -156,149 +147,15 @@ def params_table(cfg: FiguresConfig) -> pd.DataFrame:
 # Sections: one per notebook, each redrawing what the notebook saves
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class Section:
-    """One notebook's results as read from the cache: configs, results, files written, or the CacheMiss."""
-
-    name: str
-    notebook: str
-    params: dict = field(default_factory=dict)
-    cfg: Any = None  # the stage config (None when the parameters could not be read)
-    results: dict = field(default_factory=dict)
-    written: list = field(default_factory=list)  # (kind, name) in the order written
-    message: str = ""  # the CacheMiss (or config error) text when not ok
-    log: str = ""  # what the stage functions printed (cache hits)
-
-    @property
-    def ok(self) -> bool:
-        return not self.message
-
-    def outputs(self) -> pd.DataFrame:
-        """The files written (figure: png+pdf in figures/, table: csv+tex in tables/)."""
-        return pd.DataFrame(self.written, columns=["kind", "name"])
-
-    def __repr__(self) -> str:
-        if not self.ok:
-            return f"{self.notebook}: not shown. {self.message}"
-        figs = [n for k, n in self.written if k == "figure"]
-        tabs = [n for k, n in self.written if k == "table"]
-        return (f"{self.notebook}: redrawn from the cache: {len(figs)} figures ({', '.join(figs) or '-'}); "
-                f"{len(tabs)} tables ({', '.join(tabs) or '-'})")
-
-
-def _fig(sec: Section, fig, name: str) -> None:
-    if not _DRY[0]:
-        plots.save_figure(fig, name)
-    plt.close(fig)
-    sec.written.append(("figure", name))
-
-
-def _tab(sec: Section, df: pd.DataFrame, name: str) -> None:
-    if not _DRY[0]:
-        plots.save_table(df, name)
-    sec.written.append(("table", name))
-
-
-def _probe(sec: Section) -> None:
-    """01_probe: Figs 2, 3, 4, 7 and the probe/direction figures and tables (as the notebook draws them)."""
-
-    cfg, r = sec.cfg, sec.results
-    dist = sp.distances(cfg)
-    n_points = int(dist["point"].max()) + 1
-    layer = int(sec.params.get("layer", -1))
-    point = layer if layer >= 0 else n_points + layer
-    t2 = sp.fig2_table(dist, point)
-    _tab(sec, t2, "probe_fig2_distance_tokens")
-    _fig(sec, sp.plot_fig2(t2, f"Fig 2 analogue: distance at point {point} ({cfg.preset})"), "fig2_probe_distance_tokens")
-    k_max = max(cfg.distance.lengths)
-    t3 = sp.fig3_table(dist, k_max)
-    _fig(sec, sp.plot_fig3(t3, f"Fig 3 analogue: distance per block, {k_max} continuation tokens"),
-         "fig3_probe_distance_blocks")
-    t4 = sp.fig4_table(dist, k_max)
-    _tab(sec, t4, "probe_fig4_distance_gap")
-    _fig(sec, sp.plot_fig4(t4, f"Fig 4 analogue: d(refusal) - d(compliance), {k_max} tokens"), "fig4_probe_distance_gap")
-    _tab(sec, sp.robustness(cfg), "probe_distance_robustness")
-    dist7 = sp.distances(cfg, set_name=cfg.sets.appendix)
-    _fig(sec, sp.plot_fig7(sp.fig2_table(dist7, point), sp.fig3_table(dist7, k_max), f"Fig 7 analogue: {cfg.sets.appendix}"),
-         "fig7_probe_distance_appendix")
-    acc = sp.probes(cfg)
-    _tab(sec, acc, "probe_linear_accuracy")
-    _fig(sec, sp.plot_probes(acc), "figx_probe_linear")
-    dr = sp.direction(cfg)
-    _tab(sec, sp.direction_vs_behaviour(dr["requests"]), "probe_direction_vs_behaviour")
-    _fig(sec, sp.plot_direction(dr["requests"], dr["point"]), "figx_probe_direction")
-    _tab(sec, sp.token_summary(dr["tokens"], max_step=10), "probe_direction_per_token")
-    sep = sp.token_separation(dr["tokens"])
-    _tab(sec, sep, "probe_direction_token_auc")
-    groups = ["plain harmful", "plain benign", "jailbreak: benign_motive", "jailbreak: prefilling", "prefilled benign"]
-    _fig(sec, sp.plot_tokens(dr["tokens"], sep, [g for g in groups if g in set(dr["tokens"]["group"])]),
-         "figx_probe_tokens")
-    r.update(dist=dist, point=point, k_max=k_max, t2=t2, acc=acc)
-
-
-def _classify(sec: Section) -> None:
-    """02_classify: Table 1 and its checks, the label shares, layer map, score scatter and dose-response."""
-
-    cfg, r = sec.cfg, sec.results
-    _tab(sec, sc.fractions_vs_paper(cfg), "table1_classify_fractions")
-    _fig(sec, sc.plot_layer_map(cfg), "fig_classify_layer_map")
-    _fig(sec, sc.plot_scores(cfg), "fig_classify_scores")
-    t1 = sc.table1(cfg)
-    _tab(sec, t1["summary"], "table1_classify")
-    _tab(sec, sc.bias_table(sc.bias_sensitivity(cfg)["runs"]), "table1_classify_bias")
-    _tab(sec, sc.scorer_table(sc.scorer_ablation(cfg)["runs"]), "table1_classify_scorers")
-    _tab(sec, sc.stability(cfg), "table1_classify_stability")
-    _tab(sec, sc.estimator_table(sc.estimator_comparison(cfg)), "table1_classify_estimators")
-    _fig(sec, sc.plot_dose(sc.dose_response(cfg)["curve"]), "fig_classify_dose")
-    r.update(summary=t1["summary"], fractions=sc.label_fractions(cfg))
-
-
-def _freeze(sec: Section) -> None:
-    """03_freeze_finetune: masks, lr sweep, Table 2 (+ vs paper, verification), Fig 5."""
-
-    cfg, r = sec.cfg, sec.results
-    _tab(sec, sf.mask_table(cfg), "table2_freeze_masks")
-    lrs = sf.parse_lr_grid(sec.params.get("lr_grid", ""))
-    sweep = sf.lr_sweep(cfg, lrs) if lrs else None
-    cfg = sec.cfg = sf.choose_lr(cfg, sweep)  # the lr of every run: the loss rule's choice, as in the notebook
-    if sweep is not None:
-        _tab(sec, sf.sweep_table(cfg, sweep), "table2_freeze_lr_sweep")
-    df = sf.runs(cfg)
-    _tab(sec, sf.verify_table(df), "table2_freeze_verify")
-    summary = sf.summarize(df)
-    _tab(sec, summary, "table2_freeze")
-    _tab(sec, sf.vs_paper(summary), "table2_freeze_vs_paper")
-    _fig(sec, sf.plot_asr(df), "fig_freeze_asr")
-    r.update(summary=summary, transfer=None)
-    if cfg.relabel:
-        _fig(sec, sf.plot_transfer(cfg), "fig5_freeze_label_transfer")
-        r["transfer"] = sf.transfer_summary(cfg)
-        _tab(sec, r["transfer"], "fig5_freeze_label_transfer")
-
-
-def _budget(sec: Section) -> None:
-    """04_alignment_budget: masks, Table 4 (+ vs paper), the tax and loss figures, Fig 6."""
-
-    cfg, r = sec.cfg, sec.results
-    _tab(sec, sb.mask_table(cfg), "table4_budget_masks")
-    t4 = sb.table4(cfg, log=None)
-    _tab(sec, t4["summary"], "table4_budget")
-    _fig(sec, sb.plot_tax(t4["runs"]), "fig_budget_tax")
-    _fig(sec, sb.plot_losses(cfg), "fig_budget_losses")
-    _tab(sec, sb.table4_vs_paper(t4["summary"]), "table4_budget_vs_paper")
-    tr = sb.transfer(cfg)
-    _tab(sec, sb.transfer_table(tr), "fig6_budget_label_transfer")
-    _fig(sec, sb.plot_transfer(tr), "fig6_budget_label_transfer")
-    r.update(summary=t4["summary"], transfer=tr, base_fractions=sb.base_labels(cfg).fractions())
-
 
 def _config_for(name: str, params: dict):
     module = {"probe": stage_probe, "classify": stage_classify, "freeze": stage_freeze, "budget": stage_budget}[name]
     return module.config_from_params(params)
 
 
-SECTIONS: dict[str, Callable[[Section], None]] = {"probe": _probe, "classify": _classify, "freeze": _freeze,
-                                                  "budget": _budget}
+# Each notebook's report (its module draws what the notebook saves, from the stage's cached results).
+SECTIONS: dict[str, Callable[[Section], None]] = {"probe": report_probe.report, "classify": report_classify.report,
+                                                  "freeze": report_freeze.report, "budget": report_budget.report}
 
 
 def run_section(name: str, cfg: FiguresConfig) -> Section:
@@ -321,7 +178,7 @@ def run_section(name: str, cfg: FiguresConfig) -> Section:
         sec.message = str(err)
         sec.results = {}
     finally:
-        plt.close("all")
+        close_figures()
         sec.log = buf.getvalue()
     return sec
 
@@ -713,31 +570,6 @@ def claims_scorecard(sections: dict[str, Section]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("id")
 
 
-def plot_scorecard(card: pd.DataFrame, width: int = 46) -> plt.Figure:
-    """The scorecard as a table: claim, the paper, this run, verdict (coloured)."""
-    plots.set_style()
-    wrap = lambda t, w: "\n".join(textwrap.wrap(str(t), w)) or "-"  # noqa: E731
-    cells = [[wrap(r.claim, width), wrap(r.paper, width - 8),
-              wrap(f"{r.run}; vs {r.control}" if r.run != "-" else (r.note or "-"), width), wrap(r.verdict, 14)]
-             for r in card.itertuples()]
-    lines = [max(c.count("\n") + 1 for c in row) for row in cells]
-    fig, ax = plt.subplots(figsize=(16.0, 0.5 + 0.17 * (sum(lines) + len(lines))))
-    ax.axis("off")
-    tab = ax.table(cellText=cells, colLabels=["claim", "paper", "this run (vs control)", "verdict"],
-                   colWidths=[0.31, 0.26, 0.33, 0.10], loc="upper center", cellLoc="left")
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(7)
-    total = sum(lines) + len(lines) + 2
-    for (i, j), cell in tab.get_celld().items():
-        h = (2 if i == 0 else lines[i - 1] + 1) / total
-        cell.set_height(h)
-        if i == 0:
-            cell.set_text_props(weight="bold")
-        elif j == 3:
-            cell.set_facecolor(VERDICT_COLORS.get(card["verdict"].iloc[i - 1], "white"))
-    return fig
-
-
 # --------------------------------------------------------------------------------------------------
 # Paper-vs-run tables, one per experiment of data/paper/reported.csv
 # --------------------------------------------------------------------------------------------------
@@ -843,9 +675,7 @@ def write_paper_tables(sections: dict[str, Section]) -> tuple[pd.DataFrame, dict
     """Build, save and return the claims scorecard (table + figure) and the paper-vs-run tables."""
     card = claims_scorecard(sections)
     plots.save_table(card, "claims_scorecard")
-    fig = plot_scorecard(card)
-    plots.save_figure(fig, "fig_claims_scorecard")
-    plt.close(fig)
+    save_scorecard(card, "fig_claims_scorecard")
     pvr = paper_vs_run_tables(sections)
     for name, df in pvr.items():
         plots.save_table(df, name)

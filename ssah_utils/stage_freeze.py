@@ -38,12 +38,11 @@ from . import datasets
 from . import stage_classify as sc
 from .models import UnitMask, model_revision, unit_params
 from .training import TrainConfig, finetune, response_loss, snapshot, verify_frozen
-from .units import LABELS, Labels, take_by_params, transfer_matrix
+from .units import Labels, take_by_params, transfer_matrix
 from . import judges, real_align
 from .generation import generate
 from .models import load_model
 from .paper import reported
-from .plots import set_style
 
 STAGE = "freeze"
 CONDITIONS = ("before", "full", "freeze_esu_topcu", "freeze_esu_cu", "freeze_random", "freeze_random_cu", "freeze_esu")
@@ -661,56 +660,10 @@ def transfer_summary(cfg: FreezeConfig) -> pd.DataFrame:
 # Figures
 # --------------------------------------------------------------------------------------------------
 
-def plot_transfer(cfg: FreezeConfig, replicate: int = 0):
-    """Heatmaps of the label transfer (percent of each row) for each fine-tuning set, and the noise floor."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-
-    set_style()
-    panels = [(f"full fine-tuning on {ds}", label_transfer(cfg, ds, replicate)) for ds in cfg.datasets]
-    panels.append(("no fine-tuning (calibration halves)", label_noise(cfg)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
-    for ax, (title, tab) in zip(np.atleast_1d(axes), panels):
-        sns.heatmap(tab.loc[list(LABELS), list(LABELS)], annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100,
-                    cbar=False, ax=ax, square=True)
-        ax.set_title(title, fontsize="small")
-        ax.set_xlabel("label after")
-        ax.set_ylabel("label before")
-    fig.tight_layout()
-    return fig
-
 
 COND_LABELS = {"before": "before", "full": "full FT", "freeze_esu_topcu": "freeze ESU+top CU (i)",
                "freeze_esu_cu": "freeze ESU+CU (ii)", "freeze_random": "freeze random ≈(i)",
                "freeze_random_cu": "freeze random ≈(ii)", "freeze_esu": "freeze ESU"}
-
-
-def plot_asr(df: pd.DataFrame):
-    """Bars per condition (mean ± sd over replicates), one colour per fine-tuning set: keyword ASR (the
-    paper's metric), oracle ASR, refusals of harmful requests, task accuracy."""
-    import matplotlib.pyplot as plt
-
-
-    set_style()
-    metrics = [("asr_kw", "keyword ASR (%)"), ("asr", "oracle ASR (%)"), ("refusal", "refusals of harmful (%)"),
-               ("utility", "task accuracy (%)")]
-    conds = list(dict.fromkeys(df["condition"]))
-    dss = list(dict.fromkeys(df["dataset"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.6), sharex=True)
-    width = 0.8 / len(dss)
-    x = np.arange(len(conds))
-    for ax, (m, title) in zip(axes, metrics):
-        for i, ds in enumerate(dss):
-            g = df[df["dataset"] == ds].groupby("condition", sort=False)[m]
-            mean, sd = g.mean().reindex(conds), g.std(ddof=0).fillna(0.0).reindex(conds)
-            ax.bar(x + (i - (len(dss) - 1) / 2) * width, mean, width, yerr=sd, capsize=2, label=ds)
-        ax.set_title(title)
-        ax.set_xticks(x)
-        ax.set_xticklabels([COND_LABELS[c] for c in conds], rotation=60, ha="right", fontsize="small")
-    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -787,5 +740,5 @@ def summary_text(cfg: FreezeConfig, sweep: pd.DataFrame | None = None) -> str:
 
 __all__ = ["FreezeConfig", "RunKey", "make_config", "load", "top_cu", "freeze_mask", "mask_table", "run", "runs",
            "summarize", "table2_display", "vs_paper", "verify_table", "lr_sweep", "rule_lr", "choose_lr", "sweep_table", "labels_after", "label_transfer",
-           "label_noise", "transfer_summary", "plot_transfer", "plot_asr", "summary_text", "CONDITIONS",
+           "label_noise", "transfer_summary", "summary_text", "CONDITIONS",
            "ORGANISM_TRAIN", "REAL_TRAIN", "LR_GRID", "ORGANISM_FIT_RATIO"]

@@ -57,7 +57,7 @@ MACHINE_DEPENDENT_CELLS: dict[str, dict[str, str]] = {
         "lrs = sf.parse_lr_grid(lr_grid)": "the learning-rate sweep: " + _TRAINED,
         "summary = sf.summarize(df)": "Table 2: " + _TRAINED,
         "vs = sf.vs_paper(summary)": "Table 2 vs the paper: " + _TRAINED,
-        "fig = sf.plot_transfer(cfg) if cfg.relabel else None": "Fig 5 label transfer of fine-tuned models",
+        "fig = rf.plot_transfer(cfg) if cfg.relabel else None": "Fig 5 label transfer of fine-tuned models",
         "print(sf.summary_text(cfg, sweep))": "quotes Table 2",
     },
     "04_alignment_budget": {

@@ -1,6 +1,7 @@
 """05_figures (ssah_utils.stage_figures): notebook parameters, configs, the verdict rule, read-only sections."""
 
 import ast
+import inspect
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,9 +158,13 @@ def _saved_names_in_notebooks() -> set[tuple[str, str]]:
 
 
 def _saved_names_in_stage_figures() -> set[tuple[str, str]]:
-    tree = ast.parse(Path(sfig.__file__).read_text())
-    return {("figure" if n.func.id == "_fig" else "table", n.args[2].value) for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("_fig", "_tab")}
+    """What 05's sections write: the `figure` / `table` calls of the four stages' `report` functions."""
+    out = set()
+    for fn in sfig.SECTIONS.values():
+        tree = ast.parse(Path(inspect.getsourcefile(fn)).read_text())
+        out |= {(n.func.id, n.args[2].value) for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("figure", "table")}
+    return out
 
 
 def test_05_redraws_every_figure_and_table_the_notebooks_save():

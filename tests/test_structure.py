@@ -63,3 +63,32 @@ def test_no_private_names_across_modules():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 bad.append(f"{m}.py:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not bad, "; ".join(bad)
+
+
+PLOTTING = ("matplotlib", "seaborn")
+
+
+def _imports_of(tree: ast.Module) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_no_module_mixes_compute_with_plotting():
+    """Plotting lives in `plots` and the reports (`report`, `report_<stage>`); the stage modules and every other
+    compute module import no plotting library and define no `plot_` function. A report computes nothing: it
+    imports no torch and calls its stage for results."""
+    drawers = {"plots", "report"} | {m for m in MODULES if m.startswith("report_")}
+    assert {"report_probe", "report_classify", "report_freeze", "report_budget"} <= drawers
+    for name, tree in MODULES.items():
+        if name in drawers:
+            continue
+        assert not _imports_of(tree) & set(PLOTTING), f"{name} imports a plotting library"
+        plot_defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("plot_")]
+        assert not plot_defs, f"{name} defines {plot_defs}: drawing belongs in its report module"
+    for name in drawers - {"plots"}:
+        assert "torch" not in _imports_of(MODULES[name]), f"{name} imports torch: a report draws, it does not compute"
