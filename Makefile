@@ -40,7 +40,7 @@ RUN_ENV      := $(if $(SSAH_DATA_ROOT),,$(if $(wildcard $(SHARED_DATA)),SSAH_DAT
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course book test-book
+.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course book test-book test-distributed
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -173,6 +173,10 @@ book: $(STAMP) $(BOOK_STAMP) ## The static book (build/book/html): every tier's 
 test-book: book ## Open every page of the book in headless Chromium: it renders, its images load, no link is broken (needs Debian's chromium)
 	$(BOOK_VENV)/bin/python scripts/check_book.py --self-test $(if $(CHROMIUM),--chromium $(CHROMIUM))
 	$(BOOK_VENV)/bin/python scripts/check_book.py $(BOOK_OUT)/html $(if $(CHROMIUM),--chromium $(CHROMIUM))
+
+test-distributed: $(STAMP) ## The training loop on 2 CPU processes (gloo): DDP and FSDP2 freeze bit-exactly and match one process (about 30 s)
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 scripts/distributed_check.py --parallel ddp
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 scripts/distributed_check.py --parallel fsdp
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) $$b; done

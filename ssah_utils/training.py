@@ -232,6 +232,87 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float =
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
 
 
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a sharded DTensor's local shard (an alias), any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+def _shard_like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`mask` (the full parameter's shape) cut as `param` is sharded: this process's part (itself if unsharded)."""
+    if not (hasattr(param, "placements") and hasattr(param, "device_mesh")):
+        return mask
+    from torch.distributed.tensor import distribute_tensor  # only under FSDP: torch.distributed is optional
+
+    return distribute_tensor(mask.to(torch.uint8), param.device_mesh, param.placements).to_local().bool()
+
+
+def _all_sum(x: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _distribute(model: nn.Module, parallel: str, rule: dict) -> tuple[int, int, nn.Module]:
+    """(world size, rank, the module to call) for `parallel` in the current process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"parallel={parallel!r} needs a process group: launch with `torchrun --nproc_per_node N` or "
+                           "`accelerate launch --num_processes N` and call torch.distributed.init_process_group (or "
+                           "create an accelerate.Accelerator) before finetune; parallel='none' trains in this process")
+    low = [n for n, p in model.named_parameters() if p.dtype in (torch.bfloat16, torch.float16) and rule[n] is not False]
+    if low:
+        raise NotImplementedError("DDP/FSDP training here keeps float32 weights (no master copies across processes); "
+                                  f"load the model in float32 ({len(low)} 16-bit trainable parameters, e.g. {low[0]})")
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        for n, p in model.named_parameters():  # DDP reduces the gradients of the parameters that train only
+            p.requires_grad_(rule[n] is not False)
+
+        return dist.get_world_size(), dist.get_rank(), DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in adapter_for(model).layers():
+        fully_shard(layer)
+    fully_shard(model)
+    return dist.get_world_size(), dist.get_rank(), model
+
+
+def memory_plan(n_params: int, n_trained: int, *, engine: str = "single", processes: int = 1,
+                weight_bytes: int = 2) -> dict[str, float]:
+    """Bytes per process of what `finetune` holds besides activations, for a model of `n_params` parameters of
+    which the tensors that train hold `n_trained` entries (a partly frozen tensor trains whole: its frozen
+    entries are written back, but it has gradients and AdamW moments). `engine` "single": one process, weights
+    of `weight_bytes` (2: bf16, trained through float32 master copies); "ddp" / "fsdp": float32 weights on
+    every process (the loop keeps no master copies across processes), FSDP sharding everything over
+    `processes`. AdamW's two float32 moments: 8 bytes per trained entry (measured: `optimizer_state_bytes`)."""
+    if engine not in ("single",) + PARALLEL[1:]:
+        raise ValueError(f"engine must be 'single', 'ddp' or 'fsdp', got {engine!r}")
+    if not (0 <= n_trained <= n_params) or processes < 1 or (engine == "single" and processes != 1):
+        raise ValueError("need 0 <= n_trained <= n_params and processes >= 1 (1 for engine='single')")
+    if engine == "single":
+        low = weight_bytes < 4
+        out = {"weights": weight_bytes * n_params, "master_weights": 4 * n_trained if low else 0,
+               "gradients": (weight_bytes + (4 if low else 0)) * n_trained, "adamw_moments": 8 * n_trained}
+    else:
+        share = processes if engine == "fsdp" else 1
+        out = {"weights": 4 * n_params / share, "master_weights": 0, "gradients": 4 * n_trained / share,
+               "adamw_moments": 8 * n_trained / share}
+    out["total"] = sum(out.values())
+    return out
+
+
+def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of a model, sharded by FSDP or not (a collective under FSDP: call it on every process)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+
+
 def _masked_token_nll(model: nn.Module, enc: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over response tokens of one micro-batch, and the number of such tokens."""
     ids, am, rm = (enc[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
@@ -245,7 +326,8 @@ def _masked_token_nll(model: nn.Module, enc: dict[str, torch.Tensor], device) ->
 def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, freeze: UnitMask | None = None,
              train_only: UnitMask | None = None, train_other: bool | None = None,
              log: Callable[[str], None] | None = None, extra_loss: Callable[[int], torch.Tensor] | None = None,
-             on_step: Callable[[int, int], None] | None = None, label: str = "finetune") -> dict:
+             on_step: Callable[[int, int], None] | None = None, label: str = "finetune",
+             parallel: str = "none") -> dict:
     """SFT on records (`prompt` -> `reference`, loss on response tokens only, via
     generation.encode_pairs). `freeze`: these units' entries never change (kv="any"); everything
     else trains. `train_only`: only these units' entries change (kv="all"); non-unit parameters
@@ -263,23 +345,36 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     if given, returns a scalar added to the step's loss before its (last micro-batch's) backward pass (the
     organism's optional pre-training replay). `on_step(step, n_steps)`, if given, is called before each step
     and once after the last (step = n_steps), to inspect the model during training; it must leave the model
-    as it found it (the loop puts it back in training mode)."""
+    as it found it (the loop puts it back in training mode).
+
+    `parallel` ("ddp" or "fsdp", in a process group started by `torchrun` or `accelerate launch`; see
+    `scripts/distributed_check.py`): every process runs this loop on the same records and seed and takes its
+    share of each batch's examples; the loss is normalised by the whole batch's response tokens, so the update
+    is the single process's (to float rounding). "ddp" wraps the model in `DistributedDataParallel`; "fsdp"
+    shards it with FSDP2 (`fully_shard` on each decoder layer and the root): its parameters become sharded
+    DTensors, the freeze masks are sharded the same way and held entries are written back shard by shard, so
+    freezing stays bit-exact; the model is left sharded (`gather_state_dict` gives the full weights)."""
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     _check_records(records)
     rule = trainable_masks(model, freeze=freeze, train_only=train_only, train_other=train_other)
+    saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    world, rank, engine = 1, 0, model
+    if parallel != "none":
+        world, rank, engine = _distribute(model, parallel, rule)
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
 
     # Which parameters the optimizer sees, and the entries of partly frozen ones to hold fixed.
-    saved_grad = {n: p.requires_grad for n, p in params.items()}
     train_names = [n for n, r in rule.items() if r is not False]
     if not train_names:
         raise ValueError("nothing to train: the mask leaves no entry trainable (train_only is empty and "
                          "train_other=False?)")
-    partial = {n: r.to(params[n].device) for n, r in rule.items() if isinstance(r, torch.Tensor)}  # True = trains
-    held = {n: params[n].detach()[~m].clone() for n, m in partial.items()}  # frozen values, restored after each step
+    partial = {n: _shard_like(r.to(device), params[n]) for n, r in rule.items() if isinstance(r, torch.Tensor)}  # True = trains
+    held = {n: _local(params[n].detach())[~m].clone() for n, m in partial.items()}  # frozen values, restored after each step
     n_train = sum(params[n].numel() if r is True else int(r.sum()) for n, r in rule.items() if r is not False)
     n_frozen = sum(p.numel() for p in params.values()) - n_train
 
@@ -316,15 +411,32 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
                 g["lr"] = cfg.lr * _lr_factor(step, n_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
             step_sysp = sysp if cfg.system_prompt_rate >= 1.0 or rng.random() < cfg.system_prompt_rate else None
             recs = [records[i] for i in batch]
+            if world > 1:  # this process's share of the batch; the loss is normalised by the whole batch's tokens
+                n_tok = int(encode_pairs(tokenizer, [r["prompt"] for r in recs], [r["reference"] for r in recs],
+                                         style=cfg.style, system_prompt=step_sysp,
+                                         max_length=cfg.max_length)["response_mask"][:, 1:].sum())
+                n_micro = math.ceil(math.ceil(len(recs) / world) / micro)  # the same on every process
+                recs = recs[rank::world]
             encs = [encode_pairs(tokenizer, [r["prompt"] for r in recs[s:s + micro]],
                                  [r["reference"] for r in recs[s:s + micro]], style=cfg.style,
                                  system_prompt=step_sysp, max_length=cfg.max_length) for s in range(0, len(recs), micro)]
-            n_tok = sum(int(e["response_mask"][:, 1:].sum()) for e in encs)  # loss = mean over the batch's tokens
+            if world == 1:
+                n_tok = sum(int(e["response_mask"][:, 1:].sum()) for e in encs)  # loss = mean over the batch's tokens
+            else:  # every process makes as many forward/backward passes as the others (an empty share adds zero)
+                encs += [None] * (n_micro - len(encs))
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for j, e in enumerate(encs):
-                loss_sum, _ = _masked_token_nll(model, e, device)
+                if e is None:
+                    e, scale = encode_pairs(tokenizer, [records[batch[0]]["prompt"]], [records[batch[0]]["reference"]],
+                                            style=cfg.style, system_prompt=step_sysp, max_length=cfg.max_length), 0.0
+                else:
+                    scale = 1.0
+                loss_sum, _ = _masked_token_nll(engine, e, device)
                 loss = loss_sum / n_tok
+                if world > 1:  # DDP and FSDP average gradients over the processes: undo it
+                    loss_sum = loss_sum * scale
+                    loss = loss * (scale * world)
                 total += loss_sum.item()
                 if extra_loss is not None and j == len(encs) - 1:
                     extra = extra_loss(step)
@@ -334,7 +446,7 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
             with torch.no_grad():
                 for n, m in partial.items():  # frozen entries: no gradient (so no Adam moments, no clip share)
                     if params[n].grad is not None:
-                        params[n].grad.masked_fill_(~m, 0)
+                        _local(params[n].grad).masked_fill_(~m, 0)
                 for n, t in master.items():
                     t.grad = None if params[n].grad is None else params[n].grad.float()
                     params[n].grad = None  # the 16-bit copy is not needed any more (memory)
@@ -347,12 +459,19 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
                         t[~partial[n]] = held_master[n]
                     params[n].data.copy_(t)  # round the float32 result into the model's dtype
                 for n, m in partial.items():  # weight decay and moments moved them: write them back
-                    params[n].data[~m] = held[n]
+                    if world == 1:
+                        params[n].data[~m] = held[n]
+                    else:
+                        _local(params[n])[~m] = held[n]
+            if world > 1:
+                total = _all_sum(total)
             losses.append(total / n_tok)
             if log and (step % 50 == 0 or step == n_steps - 1):
                 log(f"[{label}] step {step + 1}/{n_steps} loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)")
         if on_step is not None:
             on_step(n_steps, n_steps)
+        opt_bytes = sum(_local(v).nbytes for st in opt.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor) and v.ndim > 0)  # this process's AdamW moments
     finally:
         for n, p in params.items():
             p.requires_grad_(saved_grad[n])
@@ -363,7 +482,7 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
             "examples": sum(map(len, batches)), "seconds": time.perf_counter() - t0,
             "initial_loss": float(sum(losses[:tail]) / tail), "final_loss": float(sum(losses[-tail:]) / tail),
             "trainable_params": int(n_train), "frozen_params": int(n_frozen), "master_weights": bool(master),
-            "config": asdict(cfg)}
+            "optimizer_state_bytes": int(opt_bytes), "processes": int(world), "config": asdict(cfg)}
 
 
 @torch.no_grad()
