@@ -795,7 +795,7 @@ def labels_after(cfg: BudgetConfig, which: str) -> tuple[Labels, str]:
         return sc.labels(c), "model"
     except (ValueError, cache.CacheMiss) as err:
         # read-only (05_figures): a run that fell back to the reference refusals has no 'model' calibration cached
-        if isinstance(err, ValueError) and "refused none" not in str(err):
+        if isinstance(err, ValueError) and "no refusal to calibrate on" not in str(err):
             raise
         c = classify_config(cfg, path, style=cfg.style, safety_responses="reference")
         return sc.labels(c), "reference"

@@ -291,9 +291,11 @@ def calibration(cfg: ClassifyConfig) -> dict:
                                    "response": [r["reference"] for r in s_recs], "verdict": "reference"})
         pool = safety[safety["verdict"].isin(["refusal", "reference"])] if c.only_refusals else safety
         pool = pool[pool["response"].str.strip() != ""]
-        if pool.empty:
-            raise ValueError(f"the model refused none of the {len(safety)} {c.safety_set} prompts, so there is no "
-                             "refusal to calibrate on; use safety_responses='reference' (the set's refusals)")
+        if len(pool) < 2:  # a draw is also cut into two disjoint halves (`_draws`): each needs a refusal
+            raise ValueError(f"the model refused {'none' if pool.empty else 'only one'} of the {len(safety)} "
+                             f"{c.safety_set} prompts, so there is no refusal to calibrate on (two at least: the "
+                             "disjoint halves of a draw each take one); use safety_responses='reference' (the set's "
+                             "refusals)")
         u_recs = datasets.load_set(c.utility_set)
         utility = pd.DataFrame({"id": [r["id"] for r in u_recs], "prompt": [r["prompt"] for r in u_recs],
                                 "response": [r["reference"] for r in u_recs]})

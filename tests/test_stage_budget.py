@@ -213,3 +213,29 @@ def test_a_model_given_alone_has_no_reference_and_says_so():
     with pytest.raises(ValueError, match="no aligned reference"):
         B.evaluate_reference(cfg, "reference")
     assert B.make_config("organism").reference == "organism:aligned"
+
+
+def test_a_model_with_one_refusal_falls_back_to_the_reference_refusals(monkeypatch):
+    """02's calibration cuts each draw into two disjoint halves, so a model that refused a single calibration
+    request has too few refusals to calibrate on: that is the same clear error as refusing none (found by running
+    the classroom 04 whole, where a briefly trained RU-only model refused one), and 04's relabelling then falls
+    back to the set's reference refusals instead of failing inside `encode_pairs`."""
+    import pandas as pd
+
+    from ssah_utils import evaluation
+    from ssah_utils import stage_classify as sc
+
+    cfg = sc.make_config("organism", n_calib=4, n_calib_seeds=1, safety_responses="model")
+    one = {"n": 0}
+
+    def behaviour(model, tok, recs, **kw):
+        one["n"] = len(recs)
+        return pd.DataFrame({"id": [r["id"] for r in recs], "prompt": [r["prompt"] for r in recs],
+                             "response": ["sorry i can not"] + ["sure"] * (len(recs) - 1),
+                             "verdict": ["refusal"] + ["harmful"] * (len(recs) - 1)})
+
+    monkeypatch.setattr(evaluation, "evaluate_behaviour", behaviour)
+    monkeypatch.setattr(sc, "_cached", lambda stage, key, compute, cfg: compute())
+    with pytest.raises(ValueError, match="refused only one .* no refusal to calibrate on"):
+        sc.calibration(cfg)
+    assert one["n"] > 1
