@@ -29,19 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 from ssah_utils import training as T  # noqa: E402
-from ssah_utils.models import UnitMask  # noqa: E402
-from tiny_models import RECORDS, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_models import RECORDS, sample_mask, tiny_model, tiny_tokenizer  # noqa: E402
 
 TOLERANCE = 1e-5  # max |multi-process - one process| over every trained entry (float32, a few AdamW steps)
-
-
-def _mask(model) -> UnitMask:
-    m = UnitMask.empty(model)
-    m.mlp[0, [1, 7, 30]] = True
-    m.mlp[1, [0, 47]] = True
-    m.heads[1, 1] = True
-    m.heads[0, 2:4] = True
-    return m
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for how in ("freeze", "train_only"):
         base = tiny_model("llama", seed=0)
-        mask = _mask(base)
+        mask = sample_mask(base)
         kw = {how: mask}
         before = {k: v.detach().clone() for k, v in base.state_dict().items()}
         ref = copy.deepcopy(base)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in cfg.seeds:
             sb.train_run(cfg, cond, s)
             sb.evaluate_run(cfg, cond, s)
-            sb._MEMO.clear()  # noqa: SLF001 (a script's memory bound; the cache on disk keeps every result)
+            sb.clear_memo()
     t4 = sb.table4(cfg)
     runs, summary = t4["runs"], t4["summary"]
     base = runs[runs["condition"] == "base"].iloc[0]

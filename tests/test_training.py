@@ -8,7 +8,7 @@ import torch
 from ssah_utils import ablation as A
 from ssah_utils import training as T
 from ssah_utils.models import UnitMask, adapter_for
-from tiny_models import FAMILIES, RECORDS, tiny_model, tiny_tokenizer
+from tiny_models import FAMILIES, RECORDS, sample_mask, tiny_model, tiny_tokenizer
 
 FAST = T.TrainConfig(epochs=2.0, lr=1e-2, batch_size=4, weight_decay=0.1, seed=0)
 
@@ -18,14 +18,7 @@ def tok():
     return tiny_tokenizer()
 
 
-def _mask(model) -> UnitMask:
-    """MLP channels in both layers, a lone head of a GQA group (layer 1) and a whole group (layer 0)."""
-    m = UnitMask.empty(model)
-    m.mlp[0, [1, 7, 30]] = True
-    m.mlp[1, [0, 47]] = True
-    m.heads[1, 1] = True
-    m.heads[0, 2:4] = True
-    return m
+_mask = sample_mask
 
 
 def _n_weight_entries(masks: dict[str, torch.Tensor]) -> int:

@@ -81,3 +81,16 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     model.eval()
     return model
+
+
+def sample_mask(model):
+    """MLP channels in both layers, a lone head of a GQA group (layer 1) and a whole group (layer 0): the
+    freeze/train-only mask of the training tests and of scripts/distributed_check.py."""
+    from ssah_utils.models import UnitMask
+
+    m = UnitMask.empty(model)
+    m.mlp[0, [1, 7, 30]] = True
+    m.mlp[1, [0, 47]] = True
+    m.heads[1, 1] = True
+    m.heads[0, 2:4] = True
+    return m
