@@ -40,7 +40,7 @@ RUN_ENV      := $(if $(SSAH_DATA_ROOT),,$(if $(wildcard $(SHARED_DATA)),SSAH_DAT
 PAPERMILL    := OMP_NUM_THREADS=$(THREADS) $(PY) -m papermill --log-output --progress-bar -k python3
 NBVAL        := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=3600
 
-.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course book test-book test-distributed
+.PHONY: help env reproduce test test-fast test-unit test-notebooks lint nb-check organism figures bench gpu-check lab clean clean-env course test-course book test-book test-distributed finetune
 
 help: ## List the targets (this text)
 	@echo "ssah — Superficial Safety Alignment Hypothesis, reproducible"
@@ -177,6 +177,20 @@ test-book: book ## Open every page of the book in headless Chromium: it renders,
 test-distributed: $(STAMP) ## The training loop on 2 CPU processes (gloo): DDP and FSDP2 freeze bit-exactly and match one process (about 30 s)
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 scripts/distributed_check.py --parallel ddp
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 scripts/distributed_check.py --parallel fsdp
+
+# make finetune NB=03|04 NPROC=<n> ENGINE=ddp|fsdp (PRESET, MODEL, SEED as for make nb-NN): train that notebook's
+# runs on n processes (GPUs when there are, else CPU over gloo) into the cache; `make nb-NN` then reads them.
+NB           ?=
+NPROC        ?= 2
+ENGINE       ?= fsdp
+export SSAH_NB     := $(value NB)
+export SSAH_NPROC  := $(value NPROC)
+export SSAH_ENGINE := $(value ENGINE)
+unexport NB NPROC ENGINE
+finetune: $(STAMP) ## Train 03's or 04's runs on NPROC processes (DDP/FSDP2) into the cache: NB=03|04 NPROC=<n> ENGINE=ddp|fsdp
+	@case "$$SSAH_NB" in 03|04) ;; *) echo "make finetune needs NB=03 or NB=04 (the notebook whose runs to train)" >&2; exit 2;; esac
+	$(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) -m torch.distributed.run --standalone --nproc_per_node "$$SSAH_NPROC" \
+	  scripts/train_stage.py "$$SSAH_NB" --engine "$$SSAH_ENGINE"
 
 bench: $(STAMP) ## Speed and memory benchmarks (not run by `make test`)
 	@set -e; for b in $(sort $(wildcard bench/bench_*.py)); do echo "== $$b"; $(RUN_ENV) OMP_NUM_THREADS=$(THREADS) $(PY) $$b; done

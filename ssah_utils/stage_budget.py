@@ -517,7 +517,8 @@ def align(model, tok, stages: tuple[SFTStage, ...], *, mask: UnitMask | None, ru
         losses.append(r["losses"].assign(stage=st.data))
         info.append({"stage": st.data, "lr": tc.lr, "epochs": tc.epochs, "steps": r["steps"], "seconds": r["seconds"],
                      "initial_loss": r["initial_loss"], "final_loss": r["final_loss"],
-                     "trainable_params": r["trainable_params"], "frozen_params": r["frozen_params"]})
+                     "trainable_params": r["trainable_params"], "frozen_params": r["frozen_params"],
+                     **({"processes": r["processes"]} if r["processes"] > 1 else {})})  # scripts/train_stage.py
     moved_outside = 0
     if mask is not None:
         chk = verify_frozen(before, model, ~mask, kv="any", include_other=not train_other)

@@ -37,7 +37,7 @@ from . import config as _config
 from . import datasets
 from . import stage_classify as sc
 from .models import UnitMask, model_revision, unit_params
-from .training import TrainConfig, finetune, response_loss, snapshot, verify_frozen
+from .training import TrainConfig, finetune, is_main_process, response_loss, snapshot, verify_frozen
 from .units import Labels, take_by_params, transfer_matrix
 from . import judges, real_align
 from .generation import generate
@@ -434,6 +434,11 @@ def relabel(cfg: FreezeConfig, model, tok, draw: str) -> Labels:
 _MEMO: dict[tuple, dict] = {}
 
 
+def clear_memo() -> None:
+    """Drop the in-process memo of runs (they stay in the disk cache), e.g. after changing the cache folder."""
+    _MEMO.clear()
+
+
 def run(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, *, train: TrainConfig | None = None,
         log=None) -> dict:
     """One run, cached: copy the aligned model, fine-tune it with the condition's units frozen, check the
@@ -449,7 +454,11 @@ def run(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, *, trai
         return _MEMO[memo_key]
 
     def compute() -> dict:
-        ev = sc.evaluate  # the same evaluation as Table 1 (oracle + the paper's keyword judge)
+        def ev(m, t, e, *, n, seed):  # the same evaluation as Table 1 (oracle + the paper's keyword judge)
+            if not is_main_process():  # scripts/train_stage.py on N processes: rank 0 evaluates and writes the run
+                return dict.fromkeys(EVAL_METRICS, float("nan"))
+            return sc.evaluate(m, t, e, n=n, seed=seed)
+
         if condition == "before":
             t0 = time.perf_counter()
             m = ev(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed)
@@ -478,8 +487,10 @@ def run(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, *, trai
             "verify_changed": int(ver["changed"].sum()) if len(ver) else 0,
             "verify_max_abs_diff": float(ver["max_abs_diff"].max()) if len(ver) else 0.0,
         }
+        if out["processes"] > 1:  # trained by scripts/train_stage.py (a one-process run has no such column)
+            metrics["processes"] = int(out["processes"])
         res = {"metrics": metrics, "losses": out["losses"], "verify": ver}
-        if key.relabel:
+        if key.relabel and is_main_process():
             lab = relabel(cfg, ft, tok, calib_draw(cfg, replicate))
             res["labels_after"] = list(lab.labels)
             res["z_after"] = torch.stack([lab.z_safety, lab.z_utility])
@@ -508,9 +519,9 @@ def runs(cfg: FreezeConfig, log=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "asr_attack", "jailbreak_asr", "over_refusal", "utility", "ppl",
-           "alpaca_nll", "final_loss",
-           "set_loss_after", "frozen_units_pct", "frozen_unit_params_pct")
+EVAL_METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "asr_attack", "jailbreak_asr", "over_refusal", "utility", "ppl",
+                "alpaca_nll")
+METRICS = EVAL_METRICS + ("final_loss", "set_loss_after", "frozen_units_pct", "frozen_unit_params_pct")
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

@@ -15,10 +15,12 @@ every optimizer step. `verify_frozen` checks the result against a snapshot.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -233,6 +235,35 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float =
 
 
 PARALLEL = ("none", "ddp", "fsdp")
+_ENGINE = {"parallel": "none"}  # what `finetune(parallel=None)` uses: set by `parallel_engine`
+
+
+@contextmanager
+def parallel_engine(parallel: str) -> Iterator[None]:
+    """Inside the block, every `finetune` that does not name `parallel` trains with this engine ("ddp" or "fsdp"
+    in a process group; "none": in this process). The stage launcher (`scripts/train_stage.py`) runs 03's and
+    04's cached training under it, so the stages' code is the same on one process and on N."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    old = _ENGINE["parallel"]
+    _ENGINE["parallel"] = parallel
+    try:
+        yield
+    finally:
+        _ENGINE["parallel"] = old
+
+
+def process_rank() -> int:
+    """This process's rank in the torch.distributed process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a process group, and in a process without one: the process that evaluates and writes
+    results (the cache); the others take their part in training only."""
+    return process_rank() == 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -327,7 +358,7 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
              train_only: UnitMask | None = None, train_other: bool | None = None,
              log: Callable[[str], None] | None = None, extra_loss: Callable[[int], torch.Tensor] | None = None,
              on_step: Callable[[int, int], None] | None = None, label: str = "finetune",
-             parallel: str = "none") -> dict:
+             parallel: str | None = None) -> dict:
     """SFT on records (`prompt` -> `reference`, loss on response tokens only, via
     generation.encode_pairs). `freeze`: these units' entries never change (kv="any"); everything
     else trains. `train_only`: only these units' entries change (kv="all"); non-unit parameters
@@ -353,13 +384,41 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     is the single process's (to float rounding). "ddp" wraps the model in `DistributedDataParallel`; "fsdp"
     shards it with FSDP2 (`fully_shard` on each decoder layer and the root): its parameters become sharded
     DTensors, the freeze masks are sharded the same way and held entries are written back shard by shard, so
-    freezing stays bit-exact; the model is left sharded (`gather_state_dict` gives the full weights)."""
+    freezing stays bit-exact. FSDP trains a sharded copy while `model` waits in host memory (a full float32 copy
+    per process there); the trained weights are then gathered into it tensor by tensor and it goes back to its device: under every engine the caller gets its own, unsharded
+    model, trained in place. `parallel=None` takes the engine of the enclosing `parallel_engine` block
+    ("none" outside one)."""
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    parallel = _ENGINE["parallel"] if parallel is None else parallel
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     _check_records(records)
+    kw = {"freeze": freeze, "train_only": train_only, "train_other": train_other, "log": log,
+          "extra_loss": extra_loss, "on_step": on_step, "label": label}
+    if parallel != "fsdp":
+        return _train(model, tokenizer, records, cfg, parallel=parallel, **kw)
+    home = next(model.parameters()).device
+    model.to("cpu")  # the caller's copy waits here (device memory goes to the shards)
+    try:
+        work = copy.deepcopy(model).to(home)
+        out = _train(work, tokenizer, records, cfg, parallel=parallel, **kw)
+        mine = model.state_dict()
+        with torch.no_grad():  # one full tensor at a time on the device (a collective: every process takes part)
+            for k, v in work.state_dict().items():
+                mine[k].copy_(v.full_tensor() if hasattr(v, "full_tensor") else v)
+        del work
+    finally:
+        model.to(home)
+    return out
+
+
+def _train(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, freeze: UnitMask | None,
+           train_only: UnitMask | None, train_other: bool | None, log: Callable[[str], None] | None,
+           extra_loss: Callable[[int], torch.Tensor] | None, on_step: Callable[[int, int], None] | None,
+           label: str, parallel: str) -> dict:
+    """`finetune`'s loop on `model` itself (sharded in place under FSDP)."""
     rule = trainable_masks(model, freeze=freeze, train_only=train_only, train_other=train_other)
     saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     world, rank, engine = 1, 0, model
@@ -547,4 +606,5 @@ def verify_frozen(before: dict[str, torch.Tensor], model: nn.Module, freeze: Uni
 
 
 __all__ = ["TrainConfig", "MASTER_WEIGHTS", "unit_entries", "unit_param_masks", "trainable_masks", "finetune", "response_loss", "snapshot",
-           "verify_frozen", "SCHEDULES", "KV_RULES"]
+           "verify_frozen", "SCHEDULES", "KV_RULES", "PARALLEL", "parallel_engine", "process_rank", "is_main_process",
+           "gather_state_dict", "memory_plan"]
