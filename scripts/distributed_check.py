@@ -91,9 +91,49 @@ def main(argv: list[str] | None = None) -> int:
                   f"{max_diff:.2e} (tolerance {TOLERANCE:g}); AdamW state on this process "
                   f"{info['optimizer_state_bytes'] / 1e3:.1f} kB vs {one['optimizer_state_bytes'] / 1e3:.1f} kB alone: "
                   f"{'ok' if check['ok'] else 'FAILED'}", flush=True)
+    ok &= bf16_check(a.parallel, world, rank, tok, report)
     if rank == 0 and a.out:
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0 if ok else 1
+
+
+def bf16_check(parallel: str, world: int, rank: int, tok, report: dict) -> bool:
+    """A bf16 model at a real recipe's lr (2e-5, 40 steps) under the engine: it trains as float32 master weights
+    computing in bf16, so it must move as the float32 run does (tests/test_training.py's rule for one process:
+    > 80% of entries moved, within 0.3 update-lengths of the float32 run; without master weights the updates
+    round away: 27% and 0.87) and keep a freeze mask's entries bit-identical."""
+    cfg = T.TrainConfig(epochs=40 * 4 / len(RECORDS), lr=2e-5, batch_size=4, micro_batch_size=2, seed=0, max_length=64)
+    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    mask = sample_mask(model)
+    ref = tiny_model("llama", seed=3).to(torch.bfloat16).float()  # the same start and mask, one process, float32
+    start = T.snapshot(ref)
+    T.finetune(ref, tok, RECORDS, cfg, freeze=mask)
+    ref_p = dict(ref.named_parameters())
+    update = sum(float((p.detach() - start[k]).norm() ** 2) for k, p in ref_p.items()) ** 0.5
+    before = T.snapshot(model)
+    info = T.finetune(model, tok, RECORDS, cfg, freeze=mask, parallel=parallel)
+    frozen = T.verify_frozen(before, model, mask)
+    free = T.trainable_masks(model, freeze=mask)
+    n = moved = 0
+    for k, p in model.named_parameters():  # entries outside the mask that moved
+        r = free[k]
+        sel = r if isinstance(r, torch.Tensor) else torch.full_like(p, bool(r), dtype=torch.bool)
+        n += int(sel.sum())
+        moved += int((p.detach() != before[k])[sel].sum())
+    dist = sum(float((p.detach().float() - ref_p[k].detach()).norm() ** 2) for k, p in model.named_parameters()) ** 0.5
+    check = {"mask": "freeze, bf16", "steps": info["steps"], "master_weights": info["master_weights"],
+             "dtype_after": str(next(model.parameters()).dtype),
+             "frozen_entries_changed": int(frozen["changed"].sum()), "moved_fraction": moved / n,
+             "distance_to_float32_in_updates": dist / update}
+    check["ok"] = (check["frozen_entries_changed"] == 0 and check["moved_fraction"] > 0.8
+                   and check["distance_to_float32_in_updates"] < 0.3 and check["dtype_after"] == "torch.bfloat16")
+    report["checks"].append(check)
+    if rank == 0:
+        print(f"[distributed] {parallel} x{world}, bf16 freeze: {info['steps']} steps, frozen entries changed "
+              f"{check['frozen_entries_changed']}, {100 * check['moved_fraction']:.0f}% of the other entries moved, "
+              f"{check['distance_to_float32_in_updates']:.3f} update-lengths from float32: "
+              f"{'ok' if check['ok'] else 'FAILED'}", flush=True)
+    return check["ok"]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ every optimizer step. `verify_frozen` checks the result against a snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -288,8 +289,10 @@ def _all_sum(x: float) -> float:
     return float(t.item())
 
 
-def _distribute(model: nn.Module, parallel: str, rule: dict) -> tuple[int, int, nn.Module]:
-    """(world size, rank, the module to call) for `parallel` in the current process group."""
+def _distribute(model: nn.Module, parallel: str, rule: dict, compute_dtype: torch.dtype | None = None
+                ) -> tuple[int, int, nn.Module]:
+    """(world size, rank, the module to call) for `parallel` in the current process group; FSDP computes in
+    `compute_dtype` when given (MixedPrecisionPolicy: float32 sharded weights, gradients reduced in float32)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -297,9 +300,8 @@ def _distribute(model: nn.Module, parallel: str, rule: dict) -> tuple[int, int, 
                            "`accelerate launch --num_processes N` and call torch.distributed.init_process_group (or "
                            "create an accelerate.Accelerator) before finetune; parallel='none' trains in this process")
     low = [n for n, p in model.named_parameters() if p.dtype in (torch.bfloat16, torch.float16) and rule[n] is not False]
-    if low:
-        raise NotImplementedError("DDP/FSDP training here keeps float32 weights (no master copies across processes); "
-                                  f"load the model in float32 ({len(low)} 16-bit trainable parameters, e.g. {low[0]})")
+    if low:  # finetune hands the engines a float32 copy of a 16-bit model (its master weights)
+        raise AssertionError(f"16-bit trainable parameters reached the {parallel} engine (e.g. {low[0]})")
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -307,11 +309,14 @@ def _distribute(model: nn.Module, parallel: str, rule: dict) -> tuple[int, int, 
             p.requires_grad_(rule[n] is not False)
 
         return dist.get_world_size(), dist.get_rank(), DistributedDataParallel(model)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = {} if compute_dtype is None else {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype,
+                                                                            reduce_dtype=torch.float32)}
 
     for layer in adapter_for(model).layers():
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **mp)
+    fully_shard(model, **mp)
     return dist.get_world_size(), dist.get_rank(), model
 
 
@@ -384,10 +389,13 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     is the single process's (to float rounding). "ddp" wraps the model in `DistributedDataParallel`; "fsdp"
     shards it with FSDP2 (`fully_shard` on each decoder layer and the root): its parameters become sharded
     DTensors, the freeze masks are sharded the same way and held entries are written back shard by shard, so
-    freezing stays bit-exact. FSDP trains a sharded copy while `model` waits in host memory (a full float32 copy
-    per process there); the trained weights are then gathered into it tensor by tensor and it goes back to its device: under every engine the caller gets its own, unsharded
-    model, trained in place. `parallel=None` takes the engine of the enclosing `parallel_engine` block
-    ("none" outside one)."""
+    freezing stays bit-exact. FSDP trains a sharded copy while `model` waits in host memory (a full copy per
+    process there); the trained weights are then gathered into it tensor by tensor and it goes back to its
+    device: under every engine the caller gets its own, unsharded model, trained in place. A 16-bit model
+    (bf16/fp16) trains under either engine as a float32 copy, its master weights, that computes in the
+    model's dtype (FSDP2's MixedPrecisionPolicy with float32 gradient reduction; `torch.autocast` under DDP),
+    each result rounded back into the model, as the one-process master weights do. `parallel=None` takes the
+    engine of the enclosing `parallel_engine` block ("none" outside one)."""
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -397,13 +405,21 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
     _check_records(records)
     kw = {"freeze": freeze, "train_only": train_only, "train_other": train_other, "log": log,
           "extra_loss": extra_loss, "on_step": on_step, "label": label}
-    if parallel != "fsdp":
+    low = sorted({p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}, key=str)
+    if parallel == "none" or (parallel == "ddp" and not low):
         return _train(model, tokenizer, records, cfg, parallel=parallel, **kw)
+    if len(low) > 1 or (low and any(p.dtype == torch.float32 for p in model.parameters())):
+        raise ValueError("DDP/FSDP training of a 16-bit model needs one dtype for all its parameters; got "
+                         f"{sorted({str(p.dtype) for p in model.parameters()})}")
     home = next(model.parameters()).device
     model.to("cpu")  # the caller's copy waits here (device memory goes to the shards)
     try:
-        work = copy.deepcopy(model).to(home)
-        out = _train(work, tokenizer, records, cfg, parallel=parallel, **kw)
+        # A 16-bit model trains as a float32 copy (its master weights) computing in its own dtype: FSDP2's
+        # MixedPrecisionPolicy (16-bit all-gathers and compute, float32 gradient reduction), or autocast under DDP.
+        work = copy.deepcopy(model)
+        work = (work.float() if low else work).to(home)
+        out = _train(work, tokenizer, records, cfg, parallel=parallel, compute_dtype=low[0] if low else None, **kw)
+        out["master_weights"] = bool(low)
         mine = model.state_dict()
         with torch.no_grad():  # one full tensor at a time on the device (a collective: every process takes part)
             for k, v in work.state_dict().items():
@@ -417,13 +433,14 @@ def finetune(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig,
 def _train(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *, freeze: UnitMask | None,
            train_only: UnitMask | None, train_other: bool | None, log: Callable[[str], None] | None,
            extra_loss: Callable[[int], torch.Tensor] | None, on_step: Callable[[int, int], None] | None,
-           label: str, parallel: str) -> dict:
-    """`finetune`'s loop on `model` itself (sharded in place under FSDP)."""
+           label: str, parallel: str, compute_dtype: torch.dtype | None = None) -> dict:
+    """`finetune`'s loop on `model` itself (sharded in place under FSDP); `compute_dtype`: a float32 model
+    under DDP/FSDP computes in this 16-bit dtype (mixed precision; its weights are the master copy)."""
     rule = trainable_masks(model, freeze=freeze, train_only=train_only, train_other=train_other)
     saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     world, rank, engine = 1, 0, model
     if parallel != "none":
-        world, rank, engine = _distribute(model, parallel, rule)
+        world, rank, engine = _distribute(model, parallel, rule, compute_dtype)
     params = dict(model.named_parameters())
     device = next(model.parameters()).device
 
@@ -456,6 +473,12 @@ def _train(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *
     micro = cfg.micro_batch_size or cfg.batch_size
     sysp = cfg.system_prompt or None
     was_training = model.training
+    # DDP of a 16-bit model: its float32 copy computes under autocast (FSDP casts by its policy instead)
+    def autocast():
+        if compute_dtype is not None and parallel == "ddp":
+            return torch.autocast(device_type=device.type, dtype=compute_dtype)
+        return contextlib.nullcontext()
+
     losses: list[float] = []
     t0 = time.perf_counter()
     try:
@@ -491,7 +514,8 @@ def _train(model: nn.Module, tokenizer, records: list[dict], cfg: TrainConfig, *
                                             style=cfg.style, system_prompt=step_sysp, max_length=cfg.max_length), 0.0
                 else:
                     scale = 1.0
-                loss_sum, _ = _masked_token_nll(engine, e, device)
+                with autocast():
+                    loss_sum, _ = _masked_token_nll(engine, e, device)
                 loss = loss_sum / n_tok
                 if world > 1:  # DDP and FSDP average gradients over the processes: undo it
                     loss_sum = loss_sum * scale

@@ -61,7 +61,10 @@ def test_two_processes_freeze_exactly_and_match_one_process(parallel, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["processes"] == 2 and len(report["checks"]) == 2
+    assert report["processes"] == 2 and len(report["checks"]) == 3
+    bf16 = report["checks"].pop()  # a bf16 model: float32 master weights computing in bf16 under the engine
+    assert bf16["ok"] and bf16["master_weights"] and bf16["frozen_entries_changed"] == 0
+    assert bf16["moved_fraction"] > 0.8 and bf16["distance_to_float32_in_updates"] < 0.3
     for c in report["checks"]:
         assert c["ok"] and c["frozen_entries_changed"] == 0 and c["trained_entries_changed"] > 0
         assert c["max_abs_diff_vs_one_process"] <= report["tolerance"]
