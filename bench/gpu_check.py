@@ -26,6 +26,11 @@ beside the organism's word tokenizer (so the world's prompt sets tokenise; no hu
 7. `budget`    `stage_budget.train_run` (RU-only alignment SFT: 0 entries moved outside the RU) and
                `evaluate_run` (the cached CPU state loaded back into a model on the device).
 
+Then `engines` (unless `--engines ""`): `scripts/distributed_check.py` under torchrun for DDP and FSDP2, one
+process per visible GPU on cuda (a single GPU runs one process: the engines' CUDA/NCCL/bf16 path, nothing to
+compare across ranks), two gloo processes on cpu; its checks (exact freezing, the match with one process,
+bf16 through float32 master weights) are the step's result.
+
 Then once, `organism`: the shipped aligned organism loaded on the device/dtype, greedy answers to
 prompts of the world's harmful_test and utility_test, oracle verdicts compared with the same run on
 CPU float32 in the same process (agreement fraction).
@@ -54,6 +59,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -468,6 +475,32 @@ def check_organism(ck: Checker, device: str, dtype: str, tdtype: torch.dtype, wo
 # Environment and report
 # --------------------------------------------------------------------------------------------------
 
+def check_engines(ck: Checker, device: str, engines: tuple[str, ...]) -> None:
+    """`scripts/distributed_check.py` for each engine, on every visible GPU (cuda) or 2 CPU processes."""
+    cuda = device.startswith("cuda")
+    nproc = max(1, torch.cuda.device_count()) if cuda else 2
+    script = config.REPO_ROOT / "scripts" / "distributed_check.py"
+    for engine in engines:
+        def run(info: dict, engine=engine) -> None:
+            with socket.socket() as sock:  # a free port for the rendezvous
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            out = Path(tempfile.mkdtemp(prefix="ssah_engines_")) / "report.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   str(port), str(script), "--parallel", engine, "--device", "cuda" if cuda else "cpu",
+                   "--min-processes", "1" if cuda else "2", "--out", str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+            info["processes"] = nproc
+            info["stdout"] = [ln for ln in r.stdout.splitlines() if ln.startswith("[distributed]")]
+            need(r.returncode == 0 and out.exists(), f"distributed_check.py --parallel {engine} failed "
+                 f"(exit {r.returncode}): {(r.stdout + r.stderr)[-2000:]}")
+            info["checks"] = json.loads(out.read_text())["checks"]
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+        ck.run("engines", f"{engine} x{nproc}", run)
+
+
 def environment(device: str) -> dict:
     from importlib import metadata
 
@@ -562,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-agreement", type=float, default=0.85,
                     help="least organism verdict agreement with CPU float32 that passes")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the tiny models and the cache")
+    ap.add_argument("--engines", default="ddp,fsdp",
+                    help="multi-process engines to check with scripts/distributed_check.py ('' skips them)")
     args = ap.parse_args(argv)
 
     families = tuple(f for f in args.families.split(",") if f)
@@ -607,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 ck.results.append({"family": fam, "step": "setup", "ok": False, "seconds": 0.0, "peak_mem_mb": None,
                                    "info": {}, "error": f"{type(err).__name__}: {err}",
                                    "traceback": traceback.format_exc()})
+        check_engines(ck, device, tuple(e for e in args.engines.split(",") if e))
         if args.organism_prompts > 0:
             check_organism(ck, device, args.dtype, tdtype, world, args.organism_prompts, args.min_agreement)
         hf_logging.set_verbosity(verbosity)

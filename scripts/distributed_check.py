@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,28 +39,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parallel", choices=("ddp", "fsdp"), required=True)
     ap.add_argument("--out", default="", help="rank 0 writes its report (JSON) here")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: one GPU per process (NCCL; make gpu-check runs it on the GPUs it finds)")
+    ap.add_argument("--min-processes", type=int, default=2,
+                    help="1 allows a single process (one GPU: the engines' CUDA path, nothing to compare across ranks)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    try:
-        from accelerate import Accelerator
-
-        acc = Accelerator(cpu=True)  # starts the gloo process group from the launcher's environment
-        world, rank = acc.num_processes, acc.process_index
-    except ImportError:  # torchrun without accelerate installed
+    if a.device == "cuda":
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
         world, rank = dist.get_world_size(), dist.get_rank()
-    if world < 2:
-        raise SystemExit("launch with at least 2 processes (accelerate launch --cpu --num_processes 2 ... or torchrun)")
+    else:
+        try:
+            from accelerate import Accelerator
+
+            acc = Accelerator(cpu=True)  # starts the gloo process group from the launcher's environment
+            world, rank = acc.num_processes, acc.process_index
+        except ImportError:  # torchrun without accelerate installed
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+            world, rank = dist.get_world_size(), dist.get_rank()
+    if world < a.min_processes:
+        raise SystemExit(f"launch with at least {a.min_processes} processes (accelerate launch --cpu --num_processes 2 "
+                         "... or torchrun --nproc_per_node 2)")
+    device = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
     tok = tiny_tokenizer()
     records = RECORDS * 2
     cfg = T.TrainConfig(epochs=2.0, lr=2e-3, batch_size=3, micro_batch_size=1, weight_decay=0.1, warmup_frac=0.2,
                         schedule="cosine", max_length=64, seed=0)
-    report = {"parallel": a.parallel, "processes": world, "tolerance": TOLERANCE, "checks": []}
+    report = {"parallel": a.parallel, "processes": world, "device": str(device), "tolerance": TOLERANCE, "checks": []}
     ok = True
     for how in ("freeze", "train_only"):
-        base = tiny_model("llama", seed=0)
+        base = tiny_model("llama", seed=0).to(device)
         mask = sample_mask(base)
         kw = {how: mask}
         before = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -72,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         moved_frozen, trained_moved, max_diff = 0, 0, 0.0
         for n, r in held.items():
             key = n if n in got else n.replace("module.", "")
-            frozen = ~r if isinstance(r, torch.Tensor) else torch.full_like(before[key], not r, dtype=torch.bool)
+            frozen = (~r if isinstance(r, torch.Tensor) else torch.full_like(before[key], not r, dtype=torch.bool)
+                      ).to(before[key].device)
             moved_frozen += int((got[key][frozen] != before[key][frozen]).sum())
             trained_moved += int((got[key][~frozen] != before[key][~frozen]).sum())
             max_diff = max(max_diff, float((got[key] - ref.state_dict()[key]).abs().max()))
@@ -91,21 +108,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{max_diff:.2e} (tolerance {TOLERANCE:g}); AdamW state on this process "
                   f"{info['optimizer_state_bytes'] / 1e3:.1f} kB vs {one['optimizer_state_bytes'] / 1e3:.1f} kB alone: "
                   f"{'ok' if check['ok'] else 'FAILED'}", flush=True)
-    ok &= bf16_check(a.parallel, world, rank, tok, report)
+    ok &= bf16_check(a.parallel, world, rank, tok, report, device)
     if rank == 0 and a.out:
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0 if ok else 1
 
 
-def bf16_check(parallel: str, world: int, rank: int, tok, report: dict) -> bool:
+def bf16_check(parallel: str, world: int, rank: int, tok, report: dict, device: torch.device) -> bool:
     """A bf16 model at a real recipe's lr (2e-5, 40 steps) under the engine: it trains as float32 master weights
     computing in bf16, so it must move as the float32 run does (tests/test_training.py's rule for one process:
     > 80% of entries moved, within 0.3 update-lengths of the float32 run; without master weights the updates
     round away: 27% and 0.87) and keep a freeze mask's entries bit-identical."""
     cfg = T.TrainConfig(epochs=40 * 4 / len(RECORDS), lr=2e-5, batch_size=4, micro_batch_size=2, seed=0, max_length=64)
-    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    model = tiny_model("llama", seed=3).to(device=device, dtype=torch.bfloat16)
     mask = sample_mask(model)
-    ref = tiny_model("llama", seed=3).to(torch.bfloat16).float()  # the same start and mask, one process, float32
+    ref = tiny_model("llama", seed=3).to(torch.bfloat16).float().to(device)  # the same start and mask, one process, float32
     start = T.snapshot(ref)
     T.finetune(ref, tok, RECORDS, cfg, freeze=mask)
     ref_p = dict(ref.named_parameters())
@@ -117,7 +134,7 @@ def bf16_check(parallel: str, world: int, rank: int, tok, report: dict) -> bool:
     n = moved = 0
     for k, p in model.named_parameters():  # entries outside the mask that moved
         r = free[k]
-        sel = r if isinstance(r, torch.Tensor) else torch.full_like(p, bool(r), dtype=torch.bool)
+        sel = (r if isinstance(r, torch.Tensor) else torch.full_like(p, bool(r), dtype=torch.bool)).to(p.device)
         n += int(sel.sum())
         moved += int((p.detach() != before[k])[sel].sum())
     dist = sum(float((p.detach().float() - ref_p[k].detach()).norm() ** 2) for k, p in model.named_parameters()) ** 0.5
