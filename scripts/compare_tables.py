@@ -1,0 +1,81 @@
+"""Compare the tables of a rerun with committed ones: did the rerun reproduce them, and how closely?
+
+    python scripts/compare_tables.py results/smollm2-135m/tables runs/smollm2-135m/tables --prefix probe_ table1
+    python scripts/compare_tables.py OLD NEW --atol 1e-3        # exit status 1 if a table differs beyond atol
+
+For every CSV present in both folders (optionally only names starting with one of `--prefix`): the same
+columns and rows, the text columns equal (labels, verdicts), and the largest absolute difference of the
+numeric columns. Prints a Markdown table (`--out` writes it to a file too). Tables in only one folder are
+listed. Exit status 1 when shapes, columns or text differ, or a numeric difference exceeds `--atol` (when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def compare(old: Path, new: Path) -> dict:
+    a, b = pd.read_csv(old), pd.read_csv(new)
+    row = {"table": old.name, "rows": len(a), "same_shape": a.shape == b.shape and list(a.columns) == list(b.columns)}
+    if not row["same_shape"]:
+        return {**row, "text_equal": False, "max_abs_diff": float("nan"), "worst_column": ""}
+    num = [c for c in a.columns if pd.api.types.is_numeric_dtype(a[c]) and pd.api.types.is_numeric_dtype(b[c])]
+    text = [c for c in a.columns if c not in num]
+    row["text_equal"] = bool((a[text].astype(str).values == b[text].astype(str).values).all()) if text else True
+    worst, col = 0.0, ""
+    for c in num:
+        x, y = a[c].to_numpy(float), b[c].to_numpy(float)
+        both_nan = np.isnan(x) & np.isnan(y)
+        if (np.isnan(x) != np.isnan(y)).any():
+            return {**row, "text_equal": row["text_equal"], "max_abs_diff": float("inf"), "worst_column": c}
+        d = float(np.max(np.abs(x - y)[~both_nan], initial=0.0))
+        if d > worst:
+            worst, col = d, c
+    return {**row, "max_abs_diff": worst, "worst_column": col}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", type=Path, help="the committed tables folder")
+    ap.add_argument("new", type=Path, help="the rerun's tables folder")
+    ap.add_argument("--prefix", nargs="*", default=[], help="compare only tables whose names start with these")
+    ap.add_argument("--atol", type=float, default=None, help="largest numeric difference that passes")
+    ap.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
+    a = ap.parse_args(argv)
+    for d in (a.old, a.new):
+        if not d.is_dir():
+            raise SystemExit(f"{d} is not a folder of tables")
+
+    def pick(folder: Path) -> dict[str, Path]:
+        return {p.name: p for p in sorted(folder.glob("*.csv")) if not a.prefix or p.name.startswith(tuple(a.prefix))}
+
+    old, new = pick(a.old), pick(a.new)
+    if not old.keys() & new.keys():
+        raise SystemExit(f"no table is in both {a.old} and {a.new}" + (f" with prefix {a.prefix}" if a.prefix else ""))
+    rows = [compare(old[n], new[n]) for n in sorted(old.keys() & new.keys())]
+    lines = [f"Tables of `{a.new}` against `{a.old}` (`scripts/compare_tables.py`)", "",
+             "| table | rows | same columns and rows | text columns equal | max abs diff (numeric) | in column |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['table']} | {r['rows']} | {'yes' if r['same_shape'] else 'NO'} | {'yes' if r['text_equal'] else 'NO'} "
+              f"| {r['max_abs_diff']:.3g} | {r['worst_column']} |" for r in rows]
+    only_old, only_new = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+    if only_old:
+        lines += ["", f"Only in {a.old}: {', '.join(only_old)}"]
+    if only_new:
+        lines += ["", f"Only in {a.new}: {', '.join(only_new)}"]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if a.out:
+        a.out.write_text(text, encoding="utf-8")
+    bad = [r for r in rows if not (r["same_shape"] and r["text_equal"])
+           or (a.atol is not None and not r["max_abs_diff"] <= a.atol)]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

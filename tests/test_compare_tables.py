@@ -1,0 +1,30 @@
+"""scripts/compare_tables.py: a rerun's tables against committed ones (text exact, numbers within --atol)."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_tables.py"
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("compare_tables", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_reproduced_tables_pass_and_changed_ones_fail(tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    pd.DataFrame({"model": ["a", "b"], "asr": [1.0, 2.0]}).to_csv(old / "t.csv", index=False)
+    pd.DataFrame({"model": ["a", "b"], "asr": [1.0, 2.00004]}).to_csv(new / "t.csv", index=False)
+    main = _main()
+    assert main([str(old), str(new), "--atol", "1e-3"]) == 0
+    assert "| t.csv | 2 | yes | yes | 4e-05 | asr |" in capsys.readouterr().out
+    assert main([str(old), str(new), "--atol", "1e-6"]) == 1
+    pd.DataFrame({"model": ["a", "c"], "asr": [1.0, 2.0]}).to_csv(new / "t.csv", index=False)
+    assert main([str(old), str(new)]) == 1  # a label changed
+    pd.DataFrame({"model": ["a"], "asr": [1.0]}).to_csv(new / "t.csv", index=False)
+    assert main([str(old), str(new)]) == 1  # a row is missing
