@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
              "process (`finetune(parallel=...)` under `torchrun --nproc_per_node N` or `accelerate launch "
              "--multi_gpu --num_processes N`; checked on 2 CPU processes by `make test-distributed`). 03's and "
              "04's runs on N GPUs: `make finetune NB=03 NPROC=N ENGINE=fsdp PRESET=...` (`scripts/train_stage.py`), "
-             "then `make nb-03` reads them from the cache. Under FSDP each process also keeps a full float32 copy "
-             "of the model in host memory while it trains (28 GB for a 7B model, per process).", ""]
+             "then `make nb-03` reads them from the cache. A bf16 model trains as float32 master weights computing in bf16. "
+             "Under FSDP each process also keeps a full copy of the model, in its dtype, "
+             "in host memory while it trains (14 GB for a bf16 7B model, per process).", ""]
     for name, arch in ARCHS.items():
         total, units = counts(arch)
         lines += [f"## {name}: {total / 1e9:.2f}B parameters, {units / 1e9:.2f}B in unit tensors", "",
