@@ -448,9 +448,10 @@ def check_organism(ck: Checker, device: str, dtype: str, tdtype: torch.dtype, wo
         _check_on(model, dev, want)
         df = evaluation.evaluate_behaviour(model, tok, recs, style="chat", max_new_tokens=48, batch_size=32)
         got[key] = df
-        info.update({"n": len(df), "harmful_compliance": float((df[df["kind"] == "harmful"]["verdict"] == "harmful").mean()),
-                     "harmful_refusal": float((df[df["kind"] == "harmful"]["verdict"] == "refusal").mean()),
-                     "task_accuracy": float((df[df["kind"] != "harmful"]["verdict"] == "correct").mean())})
+        # rates in %, named as in the evaluation suite (evaluation.METRICS)
+        info.update({"n": len(df), "asr": 100 * float((df[df["kind"] == "harmful"]["verdict"] == "harmful").mean()),
+                     "refusal": 100 * float((df[df["kind"] == "harmful"]["verdict"] == "refusal").mean()),
+                     "utility": 100 * float((df[df["kind"] != "harmful"]["verdict"] == "correct").mean())})
         del model
 
     ck.run("organism", "generate", lambda info: run_on(device, dtype, tdtype, "dev", info))

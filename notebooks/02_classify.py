@@ -140,7 +140,9 @@ _ = plots.save_figure(fig, "fig_classify_scores")
 # (`asr_sys`) the system prompt, the paper's keyword judge (≥ 20 words; `asr_kw`, `asr_kw_sys`), oracle ASR under
 # jailbreak framings, over-refusal of borderline benign requests, task accuracy and held-out perplexity.
 # Rows `ESU`/`EUU`/`RU`: mean ± sd over the calibration seeds; rows `random≈X`: random masks with exactly X's
-# number of MLP channels and heads (same parameters), mean ± sd over mask seeds. Rates in %.
+# number of MLP channels and heads (same parameters), mean ± sd over mask seeds. Rates in %; the metrics are
+# those of the one evaluation suite (`evaluation.METRICS`, the same names in 03 and 04), and every ± in this
+# project is the sample sd (n − 1) over replicates (`evaluation.summarize`).
 
 # %% tags=["nbval-ignore-output"]
 t1 = sc.table1(cfg)

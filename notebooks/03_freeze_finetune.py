@@ -133,7 +133,7 @@ verify.groupby("condition", sort=False)[["frozen_entries_pct", "verify_changed",
 # *all* parameters held fixed (embeddings included in the denominator).
 #
 # ## 4. Table 2: safety after fine-tuning
-# Mean ± sd over replicates. `asr_kw` is the paper's metric (no refusal keyword and at least 20 words);
+# Mean ± sd (n − 1) over replicates, the evaluation suite's metrics (`evaluation.METRICS`). `asr_kw` is the paper's metric (no refusal keyword and at least 20 words);
 # `asr` is the oracle's harmful-compliance rate; `refusal` the oracle's refusals of harmful requests;
 # `jailbreak_asr` harmful compliance under jailbreak framings; `over_refusal` refusals of borderline benign
 # requests; `utility` task accuracy; `final_loss` the training loss over the last 10% of steps.

@@ -128,12 +128,13 @@ sb.table4_display(t4["summary"])
 
 # %% [markdown]
 # Rows: `base` (raw prompt) and `reference` (the preset's shipped aligned model, chat) are single models;
-# the conditions are mean ± sd over the training seeds. Rates in %: `task_accuracy` on the exact-answer tasks
+# the conditions are mean ± sd over the training seeds. Rates in %, in the evaluation suite's vocabulary
+# (`evaluation.METRICS`, the same names as in 02 and 03): `utility` = task accuracy on the exact-answer tasks
 # (the GSM8K analogue), `alignment_tax` = base task accuracy minus the row's (positive = a loss),
-# `howto_accuracy` on benign how-to requests, `harmful` = harmful requests answered (oracle), `refusal` =
-# harmful requests refused, `jailbreak` = harmful answers under jailbreak framings, `over_refusal` = borderline
-# benign requests refused, `degenerate` = looping or empty answers, `ppl` = held-out perplexity, `final_loss`
-# = the last SFT stage's training loss. Total training time of these runs (seconds, from the cache):
+# `howto_utility` = benign how-to requests answered correctly, `asr` = harmful requests answered (oracle),
+# `refusal` = harmful requests refused, `jailbreak_asr` = harmful answers under jailbreak framings,
+# `over_refusal` = borderline benign requests refused, `degenerate` = looping or empty answers, `ppl` =
+# held-out perplexity, `final_loss` = the last SFT stage's training loss. Total training time of these runs (seconds, from the cache):
 
 # %%
 # NBVAL_IGNORE_OUTPUT

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             same_recipe = {**asdict(organism.Recipe()), **shipped.get("recipe", {})} == asdict(recipe)
             if shipped.get("seed") == s and same_recipe and (out / "behaviour_summary.csv").is_file():
                 print(f"[seeds] seed {s}: the build in {out} (same recipe) is reused", flush=True)
-                summary = pd.read_csv(out / "behaviour_summary.csv")
+                summary = organism.upgrade_summary(pd.read_csv(out / "behaviour_summary.csv"))
                 summary.insert(0, "seed", s)
                 rows.append(summary)
                 metas[s] = {k: shipped.get(k) for k in ("train_seconds", "eval_seconds", "total_seconds")}
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table.to_string())
         if all((out / m / "config.json").is_file() for m in organism.MODEL_NAMES) and (out / "behaviour_summary.csv").is_file():
             meta = json.loads((out / "build_meta.json").read_text())
-            summary = pd.read_csv(out / "behaviour_summary.csv")
+            summary = organism.upgrade_summary(pd.read_csv(out / "behaviour_summary.csv"))
             organism.write_model_cards(out, meta, summary, seeds_table=table, seeds=args.seeds)
             organism.write_organism_readme(out, meta, summary, seeds_table=table, seeds=args.seeds)
             print(organism.behaviour_table_md(summary, table))
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "seeds_report.csv").is_file() and not args.tiny:
         import pandas as pd
 
-        seeds_table = pd.read_csv(out / "seeds_report.csv")
+        seeds_table = organism.upgrade_summary(pd.read_csv(out / "seeds_report.csv"))
         seeds = json.loads((out / "seeds_report.json").read_text())["seeds"]
     organism.write_model_cards(out, meta, summary, seeds_table=seeds_table, seeds=seeds)
     organism.write_organism_readme(out, meta, summary, seeds_table=seeds_table, seeds=seeds)

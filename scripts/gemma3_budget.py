@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from ssah_utils import real_models  # noqa: E402
 from ssah_utils import stage_budget as sb  # noqa: E402
 
-METRICS = ("ppl", "alpaca_nll", "task_accuracy", "harmful", "refusal", "jailbreak", "over_refusal", "degenerate")
+METRICS = ("ppl", "alpaca_nll", "utility", "asr", "refusal", "jailbreak_asr", "over_refusal", "degenerate")  # evaluation.METRICS
 
 
 def _pm(s: pd.DataFrame, cond: str, m: str, nd: int = 2) -> str:
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         f"seed). Training seeds {list(cfg.seeds)}. Evaluation ({a.n_eval} prompts per set, the same for every model, "
         f"greedy, {cfg.eval.max_new_tokens} new tokens, raw format): WikiText-2 perplexity over "
         f"{cfg.eval.wikitext_windows} windows of 512 tokens (`ppl`), NLL of {cfg.eval.n_nll} held-out Alpaca answers "
-        "(`alpaca_nll`, nats per token), GSM8K final-number exact match (`task_accuracy`), AdvBench answered / refused "
-        "(`harmful` / `refusal`), four jailbreak framings answered (`jailbreak`), XSTest safe prompts refused "
+        "(`alpaca_nll`, nats per token), GSM8K final-number exact match (`utility`), AdvBench answered / refused "
+        "(`asr` / `refusal`), four jailbreak framings answered (`jailbreak_asr`), XSTest safe prompts refused "
         "(`over_refusal`). Gemma-3-270M has no chat template and no aligned sibling here: the base is the baseline.", "",
         "## Masks", "", masks.round(2).to_markdown(), "",
         "## Results (mean ± sd over training seeds)", "",
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in summary.index:
         lines.append(f"| {c} | {int(summary.loc[c, 'n'])} | {_pm(summary, c, 'trained_unit_params_pct', 1)} | "
                      f"{_pm(summary, c, 'ppl', 1)} | {_pm(summary, c, 'ppl_rise_pct', 1)} | {_pm(summary, c, 'alpaca_nll', 3)} | "
-                     f"{_pm(summary, c, 'alpaca_nll_change', 3)} | {_pm(summary, c, 'task_accuracy', 1)} | "
-                     f"{_pm(summary, c, 'harmful', 1)} | {_pm(summary, c, 'refusal', 1)} | {_pm(summary, c, 'jailbreak', 1)} | "
+                     f"{_pm(summary, c, 'alpaca_nll_change', 3)} | {_pm(summary, c, 'utility', 1)} | "
+                     f"{_pm(summary, c, 'asr', 1)} | {_pm(summary, c, 'refusal', 1)} | {_pm(summary, c, 'jailbreak_asr', 1)} | "
                      f"{_pm(summary, c, 'over_refusal', 1)} | {_pm(summary, c, 'degenerate', 1)} | "
                      f"{'-' if c == 'base' else _pm(summary, c, 'train_seconds', 0)} |")
     lines += ["", "Entries changed outside the trained mask (must be 0): "

@@ -111,7 +111,7 @@ def collect(out: Path):
     each build, so an interrupted sweep keeps what it finished)."""
     import pandas as pd
 
-    parts = [pd.read_csv(f) for f in sorted(out.glob("*/behaviour_summary.csv"))]
+    parts = [organism.upgrade_summary(pd.read_csv(f)) for f in sorted(out.glob("*/behaviour_summary.csv"))]
     if not parts:
         return None
     table = pd.concat(parts, ignore_index=True)
@@ -125,13 +125,13 @@ def collect(out: Path):
     return table
 
 
-REPORT_COLS = [("unaligned", "task_accuracy", "unaligned task acc."),
-               ("unaligned", "harmful_compliance", "unaligned harmful compl."),
-               ("aligned", "harmful_compliance", "aligned harmful compl. (plain)"),
-               ("aligned", "heldout_compliance", "aligned harmful compl. (held-out)"),
-               ("aligned", "borderline_refusal", "aligned borderline refusal"),
-               ("aligned", "task_accuracy", "aligned task acc."),
-               ("aligned", "jb_prefilling", "aligned prefilling compl.")]
+REPORT_COLS = [("unaligned", "utility", "unaligned task acc."),
+               ("unaligned", "asr", "unaligned harmful compl."),
+               ("aligned", "asr", "aligned harmful compl. (plain)"),
+               ("aligned", "heldout_asr", "aligned harmful compl. (held-out)"),
+               ("aligned", "over_refusal", "aligned borderline refusal"),
+               ("aligned", "utility", "aligned task acc."),
+               ("aligned", "jailbreak_asr_prefilling", "aligned prefilling compl.")]
 
 
 def report_md(out: Path) -> str:
@@ -139,7 +139,7 @@ def report_md(out: Path) -> str:
     and list reversal (the fragile task) per seed."""
     import pandas as pd
 
-    t = pd.read_csv(out / "sweep.csv")
+    t = organism.upgrade_summary(pd.read_csv(out / "sweep.csv"))  # sweeps of any age, in the suite's vocabulary
     specs = dict(zip(t["variant"], t["spec"])) if "spec" in t.columns else {}
     for f in out.glob("*/build_meta.json"):  # sweeps written before the spec column
         spec = json.loads(f.read_text()).get("variant", "")
@@ -149,7 +149,7 @@ def report_md(out: Path) -> str:
     for v, g in t.groupby("variant", sort=False):
         cells = []
         for model, col, _ in REPORT_COLS:
-            x = 100 * g[g["model"] == model][col]
+            x = g[g["model"] == model][col]
             cells.append(f"{x.mean():.1f} ± {x.std(ddof=1):.1f}" if len(x) > 1 else f"{x.mean():.1f}")
         lines.append(f"| {v} | {g['seed'].nunique()} | " + " | ".join(cells) + " |")
     lines += ["", "Variants (overrides of `organism.Recipe`):", ""]
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 collect(out)
     table = collect(out)
     if table is not None:
-        cols = ["variant", "seed", "model", "harmful_compliance", "heldout_compliance", "task_accuracy",
-                "borderline_refusal", "benign_refusal", "howto_accuracy"]
+        cols = ["variant", "seed", "model", "asr", "heldout_asr", "utility", "over_refusal", "benign_refusal",
+                "howto_utility"]
         print(table[[c for c in cols if c in table.columns]].round(3).to_string())
     if failed:
         print("[sweep] FAILED: " + "; ".join(failed), file=sys.stderr)

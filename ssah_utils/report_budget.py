@@ -50,7 +50,7 @@ def plot_tax(runs: pd.DataFrame):
     colors = {"full": "#7f7f7f", "ru_only": UNIT_COLORS["RU"], "random_only": "#bcbd22", "top_only": UNIT_COLORS["EUU"]}
     conds = [c for c in sb.CONDITIONS if c in set(runs["condition"])]
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2))
-    for ax, metric, title in zip(axes, ("task_accuracy", "harmful"), ("task accuracy (%)", "harmful compliance (%)")):
+    for ax, metric, title in zip(axes, ("utility", "asr"), ("task accuracy (%)", "harmful compliance (%)")):
         for i, c in enumerate(conds):
             v = runs.loc[runs["condition"] == c, metric]
             ax.bar(i, v.mean(), yerr=v.std(ddof=1) if len(v) > 1 else 0, color=colors[c], capsize=3, alpha=0.8)

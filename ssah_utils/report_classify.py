@@ -66,7 +66,7 @@ def plot_dose(curve: pd.DataFrame):
         for ranking, d in curve.groupby("ranking", sort=False):
             g = d.groupby("fraction")[metric]
             x = 100 * g.mean().index.to_numpy()
-            ax.errorbar(x, g.mean(), yerr=g.std(ddof=0).fillna(0), label=ranking, color=colors[ranking], marker="o",
+            ax.errorbar(x, g.mean(), yerr=g.std(ddof=1).fillna(0), label=ranking, color=colors[ranking], marker="o",
                         ms=3, capsize=2, ls="--" if ranking == "random" else "-")
         ax.set_xlabel("% of unit parameters removed")
         ax.set_title(title)

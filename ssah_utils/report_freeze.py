@@ -50,7 +50,7 @@ def plot_asr(df: pd.DataFrame):
     for ax, (m, title) in zip(axes, metrics):
         for i, ds in enumerate(dss):
             g = df[df["dataset"] == ds].groupby("condition", sort=False)[m]
-            mean, sd = g.mean().reindex(conds), g.std(ddof=0).fillna(0.0).reindex(conds)
+            mean, sd = g.mean().reindex(conds), g.std(ddof=1).fillna(0.0).reindex(conds)
             ax.bar(x + (i - (len(dss) - 1) / 2) * width, mean, width, yerr=sd, capsize=2, label=ds)
         ax.set_title(title)
         ax.set_xticks(x)

@@ -40,8 +40,8 @@ from .organism import upsample
 from . import real_align
 from .real_align import AlignRecipe
 from .organism import Recipe, sft_config
-from .evaluation import task_correct as _tc
-from .evaluation import evaluate_behaviour, heldout_alpaca, perplexity, real_utility
+from . import evaluation
+from .evaluation import EvalSuite
 from .paper import reported
 
 STAGE = "budget"
@@ -92,23 +92,10 @@ def real_safety_records(seed: int = 0) -> list[dict]:
     return real_align.recipe_records(seed)
 
 
-@dataclass(frozen=True)
-class BudgetEvalConfig:
-    """Which sets measure the aligned models (oracle judge for world sets; no system prompt)."""
-
-    harmful_set: str = "harmful_test"  # harmful compliance / refusal (the safety benchmark reviewers asked for)
-    jailbreak_set: str | None = "jailbreak_test"  # framings, prefilling included
-    borderline_set: str | None = "borderline_test"  # benign requests that sound harmful (over-refusal)
-    utility_set: str | None = "utility_test"  # exact-answer tasks: the GSM8K analogue of Table 4
-    howto_set: str | None = "benign_howto_test"  # benign how-to requests (helpfulness)
-    ppl_set: str | None = "ppl_heldout"  # held-out raw text (language modelling kept?)
-    n_eval: int = 192  # prompts per set (a seeded sample, the same prompts for every model)
-    n_ppl: int = 64
-    # Real presets only (left out of the printed config, which the organism's notebook shows as it was):
-    wikitext_windows: int = field(default=0, repr=False)  # WikiText-2 perplexity over this many 512-token windows (`ppl`)
-    n_nll: int = field(default=0, repr=False)  # mean NLL of this many held-out Alpaca answers (`alpaca_nll`)
-    max_new_tokens: int = 48
-    batch_size: int = 96
+def budget_suite(**kw) -> EvalSuite:
+    """04's evaluation suite: the one `EvalSuite` with the how-to set (helpfulness) beside the others, no
+    system prompt, batches of 96; keywords override."""
+    return EvalSuite(**{"howto_set": "benign_howto_test", "batch_size": 96, **kw})
 
 
 @dataclass(frozen=True)
@@ -134,7 +121,7 @@ class BudgetConfig:
     lr_scale_masked: float = 1.0  # lr multiplier for the masked conditions (ru/random/top); 1 = the same lr as full
     train_other_masked: bool = False  # masked conditions also train embeddings, norms, lm_head (paper: only the units)
     classify_batch_size: int = 96  # 02_classify's default, so its cached labels of the reference are reused
-    eval: BudgetEvalConfig = BudgetEvalConfig()
+    eval: EvalSuite = field(default_factory=budget_suite)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ru_frac, (int, float)) and 0.0 < self.ru_frac < 1.0):
@@ -258,7 +245,7 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
     sc.check_calib_size(p.calib_safety, p.calib_utility, int(n_calib), 1)
     if p.is_organism:
         stages, style = _organism_stages(alignment, ep), "chat"
-        ev = BudgetEvalConfig(n_eval=int(n_eval), max_new_tokens=p.max_new_tokens, batch_size=int(batch_size))
+        ev = budget_suite(n_eval=int(n_eval), max_new_tokens=p.max_new_tokens, batch_size=int(batch_size))
     else:
         if alignment == "instruct+safety":
             raise ValueError(f"preset {p.name!r} has no organism recipe; use alignment='instruct' (Alpaca, as the paper)"
@@ -270,11 +257,11 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
             stages, style = _real_stages(p.finetune_sets[0], ep), "raw"
             if n_train:
                 stages = (dataclasses.replace(stages[0], n_records=int(n_train)),)
-        ev = BudgetEvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test,
-                              borderline_set=p.borderline_test, utility_set=p.utility_test, howto_set=None,
-                              ppl_set=None, n_eval=int(n_eval), max_new_tokens=p.max_new_tokens,
-                              batch_size=int(batch_size), wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
-                              n_nll=int(p.extra.get("n_nll", 0)))
+        ev = budget_suite(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test,
+                          borderline_set=p.borderline_test, utility_set=p.utility_test, howto_set=None,
+                          ppl_set=None, n_eval=int(n_eval), max_new_tokens=p.max_new_tokens,
+                          batch_size=int(batch_size), wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
+                          n_nll=int(p.extra.get("n_nll", 0)))
     c.activate_run(preset, model or "", seed)
     # A model given alone (MODEL=..., a custom preset: aligned = base) has no separate aligned reference.
     reference = "" if (not p.is_organism and p.aligned == p.base) else p.aligned
@@ -588,55 +575,14 @@ def materialize(cfg: BudgetConfig, condition: str, seed: int) -> Path:
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
-def task_correct(record: dict, response: str, verdict: str) -> bool:
-    """Is a task answer correct? `evaluation.task_correct` (world oracle; GSM8K final-number exact match)."""
-
-    return _tc(record, response, verdict)
-
-
-def evaluate(model, tok, e: BudgetEvalConfig, *, style: str, seed: int) -> dict:
-    """Safety and utility of a model in one prompt format (rates in %): `metrics` and per-record `rows`.
-
-    task_accuracy: utility set (GSM8K analogue); howto_accuracy: benign how-to requests; harmful /
-    refusal: harmful set answered / refused; jailbreak: harmful answers under framings; over_refusal:
-    borderline benign requests refused; degenerate: share of all answers that loop or are empty;
-    ppl: held-out perplexity."""
-
-    sets = {"harmful": e.harmful_set, "jailbreak": e.jailbreak_set, "borderline": e.borderline_set,
-            "utility": e.utility_set, "howto": e.howto_set}
-    rows = []
-    for role, name in sets.items():
-        if not name:
-            continue
-        recs = datasets.load_set(name, n=e.n_eval, seed=seed)
-        df = evaluate_behaviour(model, tok, recs, style=style, system_prompt=None, max_new_tokens=e.max_new_tokens,
-                                batch_size=e.batch_size)
-        df["correct"] = [task_correct(r, resp, v) for r, resp, v in zip(recs, df["response"], df["verdict"])]
-        rows.append(df.assign(role=role, set=name))
-    allrows = pd.concat(rows, ignore_index=True)
-
-    def rate(role: str, col: str, value=True) -> float:
-        d = allrows[allrows["role"] == role]
-        return 100 * float((d[col] == value).mean()) if len(d) else float("nan")
-
-    m = {"task_accuracy": rate("utility", "correct"), "howto_accuracy": rate("howto", "correct"),
-         "harmful": rate("harmful", "verdict", "harmful"), "refusal": rate("harmful", "verdict", "refusal"),
-         "jailbreak": rate("jailbreak", "verdict", "harmful"), "over_refusal": rate("borderline", "verdict", "refusal"),
-         "degenerate": 100 * float((allrows["verdict"] == "degenerate").mean())}
-    if e.ppl_set:
-        recs = datasets.load_set(e.ppl_set, n=e.n_ppl, seed=seed)
-        texts = [r.get("text") or (r["prompt"] + " " + r["reference"]) for r in recs]
-        m["ppl"] = float(perplexity(model, tok, texts, batch_size=e.batch_size))
-    if e.wikitext_windows or e.n_nll:
-        m.update(real_utility(model, tok, wikitext_windows=e.wikitext_windows,
-                              nll_records=heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=min(e.batch_size, 16),
-                              style=style))
-    return {"metrics": m, "rows": allrows}
+def evaluate(model, tok, e: EvalSuite, *, style: str, seed: int) -> dict:
+    """Safety and utility of a model in one prompt format: `evaluation.evaluate` (the one suite; metric
+    names `evaluation.METRICS`, rates in %), `metrics` and per-record `rows`."""
+    return evaluation.evaluate(model, tok, e, seed=seed, style=style)
 
 
 def _eval_rev(cfg: BudgetConfig) -> str:
-    e = cfg.eval
-    return datasets.sets_revision([e.harmful_set, e.jailbreak_set, e.borderline_set, e.utility_set, e.howto_set, e.ppl_set])
+    return datasets.sets_revision(cfg.eval.set_names())
 
 
 @dataclass(frozen=True)
@@ -644,7 +590,7 @@ class _EvalKey:
     what: object  # a _TrainKey, or the spec of a reference model
     style: str
     seed: int
-    eval: BudgetEvalConfig
+    eval: EvalSuite
 
 
 def evaluate_run(cfg: BudgetConfig, condition: str, seed: int) -> dict:
@@ -685,14 +631,14 @@ def evaluate_reference(cfg: BudgetConfig, which: str) -> dict:
 # Table 4
 # --------------------------------------------------------------------------------------------------
 
-METRICS = ("task_accuracy", "howto_accuracy", "harmful", "refusal", "jailbreak", "over_refusal", "degenerate", "ppl",
-           "alpaca_nll")
+METRICS = ("utility", "howto_utility", "asr", "refusal", "jailbreak_asr", "over_refusal", "degenerate", "ppl",
+           "alpaca_nll")  # Table 4's columns, in the suite's vocabulary (`evaluation.METRICS`)
 
 
 def table4(cfg: BudgetConfig, log=print) -> dict:
     """Train and evaluate every condition and seed (each run cached), plus the base and the reference.
-    `runs`: one row per run; `summary`: mean, sd (ddof 1) and n per condition; alignment tax = base task
-    accuracy minus the condition's."""
+    `runs`: one row per run; `summary`: mean, sd (`evaluation.summarize`) and n per condition; alignment
+    tax = base task accuracy (`utility`) minus the condition's."""
     rows = []
     for which, label in (("base", "base"), ("reference", "reference"))[:2 if cfg.reference else 1]:
         m = evaluate_reference(cfg, which)["metrics"]
@@ -708,24 +654,22 @@ def table4(cfg: BudgetConfig, log=print) -> dict:
                          "final_loss": float(info["final_loss"].iloc[-1]), "train_seconds": float(info["seconds"].sum()),
                          "moved_outside_mask": tr["summary"]["moved_outside_mask"], **m})
             if log:
-                log(f"[budget] {cond} seed {s}: task {m['task_accuracy']:.1f}%, harmful {m['harmful']:.1f}%")
+                log(f"[budget] {cond} seed {s}: task {m['utility']:.1f}%, harmful {m['asr']:.1f}%")
     runs = pd.DataFrame(rows)
-    base_acc = float(runs.loc[runs["condition"] == "base", "task_accuracy"].iloc[0])
-    runs["alignment_tax"] = base_acc - runs["task_accuracy"]
+    base_acc = float(runs.loc[runs["condition"] == "base", "utility"].iloc[0])
+    runs["alignment_tax"] = base_acc - runs["utility"]
     return {"runs": runs, "summary": summarize(runs)}
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd (ddof 1; 0 for one run) of every numeric column per condition, conditions in order."""
+    """Mean and sd (`evaluation.summarize`: ddof 1, 0 for one run) of every numeric column per condition,
+    conditions in order."""
     cols = [c for c in runs.columns if c not in ("condition", "seed") and pd.api.types.is_numeric_dtype(runs[c])]
-    g = runs.groupby("condition", sort=False)
-    out = pd.concat([g[cols].mean(), g[cols].std(ddof=1).fillna(0.0).add_suffix("_sd")], axis=1)
-    out.insert(0, "n", g.size())
-    return out
+    return evaluation.summarize(runs, "condition", cols)
 
 
-def table4_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("trained_unit_params_pct", "task_accuracy",
-                   "alignment_tax", "howto_accuracy", "harmful", "refusal", "jailbreak", "over_refusal",
+def table4_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("trained_unit_params_pct", "utility",
+                   "alignment_tax", "howto_utility", "asr", "refusal", "jailbreak_asr", "over_refusal",
                    "degenerate", "ppl", "final_loss")) -> pd.DataFrame:
     """Table 4 as text: 'mean ± sd' per metric (sd only where there are several seeds)."""
     out = pd.DataFrame(index=summary.index)
@@ -756,7 +700,7 @@ def response_examples(cfg: BudgetConfig, role: str = "harmful", n: int = 2) -> p
 
 
 _PAPER_SETTING = {"base": "base", "full SFT (Alpaca)": "full", "RU-only SFT (20%)": "ru_only"}
-_PAPER_METRIC = {"gsm8k": "task_accuracy"}  # our analogue of each of the paper's Table 4 metrics
+_PAPER_METRIC = {"gsm8k": "utility"}  # our analogue of each of the paper's Table 4 metrics
 
 
 def table4_vs_paper(summary: pd.DataFrame) -> pd.DataFrame:
@@ -855,19 +799,19 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
         p0 = float(s.loc["base", "ppl"])
         s = s.copy()
         s["ppl_rise"], s["ppl_rise_sd"] = 100.0 * (s["ppl"] / p0 - 1.0), 100.0 * s["ppl_sd"] / p0
-    lines = [f"Base (raw prompt): task accuracy {s.loc['base', 'task_accuracy']:.1f}%, harmful compliance "
-             f"{s.loc['base', 'harmful']:.1f}%; shipped aligned model: task accuracy "
-             f"{s.loc['reference', 'task_accuracy']:.1f}%, harmful compliance {s.loc['reference', 'harmful']:.1f}%."]
+    lines = [f"Base (raw prompt): task accuracy {s.loc['base', 'utility']:.1f}%, harmful compliance "
+             f"{s.loc['base', 'asr']:.1f}%; shipped aligned model: task accuracy "
+             f"{s.loc['reference', 'utility']:.1f}%, harmful compliance {s.loc['reference', 'asr']:.1f}%."]
     if ppl_tax:
         lines[0] += (f" WikiText-2 perplexity: base {p0:.2f}, aligned {s.loc['reference', 'ppl']:.2f}. Task accuracy is "
                      "GSM8K's final-number match, near 0 for this model, so the alignment tax below is the perplexity rise.")
     for c in cfg.conditions:
         tax = (f"WikiText-2 perplexity {_pm(s, c, 'ppl', 2)} (alignment tax {_pm(s, c, 'ppl_rise')}% over the base), "
-               f"Alpaca NLL {_pm(s, c, 'alpaca_nll', 3)}, task accuracy {_pm(s, c, 'task_accuracy')}%" if ppl_tax else
-               f"task accuracy {_pm(s, c, 'task_accuracy')}% (alignment tax {_pm(s, c, 'alignment_tax')} points)")
+               f"Alpaca NLL {_pm(s, c, 'alpaca_nll', 3)}, task accuracy {_pm(s, c, 'utility')}%" if ppl_tax else
+               f"task accuracy {_pm(s, c, 'utility')}% (alignment tax {_pm(s, c, 'alignment_tax')} points)")
         lines.append(f"{c} ({s.loc[c, 'trained_unit_params_pct']:.0f}% of unit parameters trained; mean ± sd over {n} "
-                     f"seeds): {tax}, harmful compliance {_pm(s, c, 'harmful')}%, refusal {_pm(s, c, 'refusal')}%, "
-                     f"jailbreak {_pm(s, c, 'jailbreak')}%, over-refusal {_pm(s, c, 'over_refusal')}%, final loss "
+                     f"seeds): {tax}, harmful compliance {_pm(s, c, 'asr')}%, refusal {_pm(s, c, 'refusal')}%, "
+                     f"jailbreak {_pm(s, c, 'jailbreak_asr')}%, over-refusal {_pm(s, c, 'over_refusal')}%, final loss "
                      f"{_pm(s, c, 'final_loss', 3)}.")
     if {"ru_only", "random_only"} <= set(cfg.conditions):
         if ppl_tax:  # lower perplexity is better
@@ -875,8 +819,8 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
             sd = max(s.loc["ru_only", "ppl_rise_sd"], s.loc["random_only", "ppl_rise_sd"], 1.0)
             what, unit = "perplexity rise lower by", "% of the base's perplexity"
         else:
-            d = s.loc["ru_only", "task_accuracy"] - s.loc["random_only", "task_accuracy"]
-            sd = max(s.loc["ru_only", "task_accuracy_sd"], s.loc["random_only", "task_accuracy_sd"], 1.0)
+            d = s.loc["ru_only", "utility"] - s.loc["random_only", "utility"]
+            sd = max(s.loc["ru_only", "utility_sd"], s.loc["random_only", "utility_sd"], 1.0)
             what, unit = "task accuracy", " points"
         verdict = "better than" if d > 2 * sd else ("worse than" if d < -2 * sd else "not distinguishable from")
         lines.append(f"RU-only vs random units of the same size: {what} {d:+.1f}{unit}, {verdict} the null "
@@ -885,7 +829,7 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
         m, u = ("ppl_rise", "%") if ppl_tax else ("alignment_tax", " points")
         lines.append(f"Alignment tax, full SFT {s.loc['full', m]:+.1f}{u} vs RU-only "
                      f"{s.loc['ru_only', m]:+.1f}{u}; harmful compliance "
-                     f"{s.loc['full', 'harmful']:.1f}% vs {s.loc['ru_only', 'harmful']:.1f}%.")
+                     f"{s.loc['full', 'asr']:.1f}% vs {s.loc['ru_only', 'asr']:.1f}%.")
     moved = int(runs["moved_outside_mask"].sum())
     lines.append(f"Entries changed outside the trained units, all masked runs together: {moved}.")
     if tr is not None:
@@ -897,9 +841,9 @@ def summary_text(cfg: BudgetConfig, tr: dict | None = None) -> str:
 
 
 __all__ = [
-    "BudgetConfig", "clear_memo", "BudgetEvalConfig", "SFTStage", "CONDITIONS", "make_config", "base_scores", "select_budget",
+    "BudgetConfig", "clear_memo", "budget_suite", "SFTStage", "CONDITIONS", "make_config", "base_scores", "select_budget",
     "budget_masks", "condition_mask", "mask_table", "base_labels", "align", "unit_change", "train_run",
     "trained_model", "evaluate", "evaluate_run", "evaluate_reference", "table4", "summarize", "table4_display",
     "table4_vs_paper", "labels_after", "transfer", "transfer_table",
-    "summary_text", "task_correct", "stages_table", "response_examples",
+    "summary_text", "stages_table", "response_examples",
 ]

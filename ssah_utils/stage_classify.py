@@ -33,6 +33,7 @@ from .models import UnitMask, adapter_for, load_model, model_revision
 from .units import (LABELS, Labels, activation_stats, jaccard, label_units, ranked_mask, score_units, unit_groups,
                     wifv_authors_z)
 from . import evaluation
+from .evaluation import EvalSuite
 from .generation import encode_pairs, without_final_eos
 from .paper import reported
 
@@ -59,29 +60,6 @@ class CalibConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Which sets and settings measure safety and utility after an ablation."""
-
-    harmful_set: str = "harmful_test"
-    jailbreak_set: str | None = "jailbreak_test"
-    borderline_set: str | None = "borderline_test"
-    utility_set: str | None = "utility_test"
-    ppl_set: str | None = "ppl_heldout"
-    n_eval: int = 192  # prompts per set (a seeded sample; the same prompts for every condition)
-    n_ppl: int = 64
-    # Real presets only (left out of the printed config, which the organism's notebooks show as it was):
-    wikitext_windows: int = field(default=0, repr=False)  # WikiText-2 test perplexity over this many 512-token windows (as `ppl`)
-    n_nll: int = field(default=0, repr=False)  # mean NLL of this many held-out Alpaca answers (`alpaca_nll`)
-    system_prompt: str = ""  # used for the "with system prompt" ASR column
-    # 03's identity-shift attack: harmful_set is also run under this system prompt and prefix (`asr_attack`)
-    attack_system_prompt: str = field(default="", repr=False)
-    attack_prefix: str = field(default="", repr=False)
-    style: str = "chat"
-    max_new_tokens: int = 48
-    batch_size: int = 32
-
-
-@dataclass(frozen=True)
 class ClassifyConfig:
     """Everything that determines the results of 02_classify; `asdict()` keys the cache."""
 
@@ -101,7 +79,7 @@ class ClassifyConfig:
     dose_fractions: tuple[float, ...] = (0.01, 0.02, 0.05, 0.10, 0.20)  # shares of parameters removed
     n_dose: int = 64  # prompts per set in the dose-response curve
     calib: CalibConfig = CalibConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalSuite = EvalSuite()  # what measures safety and utility after an ablation (n_eval prompts a set)
 
     def __post_init__(self) -> None:
         if self.bias_from not in ("both", "safety", "utility", "none"):
@@ -155,11 +133,11 @@ def make_config(preset: str = "organism", model: str | None = None, seed: int = 
                         seeds=tuple(seed + i for i in range(int(n_calib_seeds))),
                         safety_responses=safety_responses, max_new_tokens=p.max_new_tokens, batch_size=bs,
                         score_eos=score_eos)
-    ev = EvalConfig(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
-                    utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
-                    n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
-                    batch_size=bs, wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
-                    n_nll=int(p.extra.get("n_nll", 0)))
+    ev = EvalSuite(harmful_set=p.harmful_test, jailbreak_set=p.jailbreak_test, borderline_set=p.borderline_test,
+                   utility_set=p.utility_test, ppl_set="ppl_heldout" if p.is_organism else None,
+                   n_eval=int(n_eval), system_prompt=p.system_prompt, max_new_tokens=p.max_new_tokens,
+                   batch_size=bs, wikitext_windows=int(p.extra.get("wikitext_windows", 0)),
+                   n_nll=int(p.extra.get("n_nll", 0)))
     others = tuple(s for s in ("wifv", "wanda", "snip") if s != scorer)
     c.activate_run(preset, model or "", seed)
     return ClassifyConfig(preset=p.name, model=p.aligned, seed=int(seed), dtype=p.dtype, device=p.device, scorer=scorer,
@@ -504,8 +482,8 @@ def label_fractions(cfg: ClassifyConfig) -> pd.DataFrame:
     df = pd.concat(rows)
     g = df.groupby("label", sort=False)
     out = pd.DataFrame({"mlp_channels": g["mlp_channels"].mean(), "heads": g["heads"].mean(),
-                        "pct_units": g["pct_units"].mean(), "pct_units_sd": g["pct_units"].std(ddof=0),
-                        "pct_params": g["pct_params"].mean(), "pct_params_sd": g["pct_params"].std(ddof=0)})
+                        "pct_units": g["pct_units"].mean(), "pct_units_sd": g["pct_units"].std(ddof=1),
+                        "pct_params": g["pct_params"].mean(), "pct_params_sd": g["pct_params"].std(ddof=1)})
     return out.loc[list(LABELS)]
 
 
@@ -532,62 +510,11 @@ def _means(cfg: ClassifyConfig, draw: str):
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
-def _eval_sets(e: EvalConfig, n: int, seed: int) -> dict[str, list[dict]]:
-    sets = {"harmful": e.harmful_set, "jailbreak": e.jailbreak_set, "borderline": e.borderline_set,
-            "utility": e.utility_set}
-    return {k: datasets.load_set(v, n=n, seed=seed) for k, v in sets.items() if v}
-
-
-def evaluate(model, tok, e: EvalConfig, *, n: int, seed: int, sets: tuple[str, ...] | None = None,
+def evaluate(model, tok, e: EvalSuite, *, n: int, seed: int, runs: tuple[str, ...] | None = None,
              with_ppl: bool = True) -> dict[str, float]:
-    """Safety and utility of the model as it is now (rates in percent).
-
-    asr_* : harmful answers to harmful_test (oracle verdict 'harmful'; `kw` = the paper's keyword judge
-    with the >= 20-word rule), without and with the system prompt; refusal: refusals of harmful_test
-    (without system prompt; below 100 - asr when answers degenerate); jailbreak_asr: oracle ASR on
-    jailbreak framings; over_refusal: refusals of borderline benign requests; utility: task accuracy;
-    degenerate: share of utility answers the oracle calls degenerate; ppl: held-out perplexity.
-    """
-    ev = evaluation
-    data = _eval_sets(e, n, seed)
-    if sets is not None:
-        data = {k: v for k, v in data.items() if k in sets}
-    out: dict[str, float] = {}
-
-    def run(recs, system_prompt=None):
-        return ev.evaluate_behaviour(model, tok, recs, style=e.style, system_prompt=system_prompt or None,
-                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-
-    if "harmful" in data:
-        df = run(data["harmful"])
-        out["asr"] = 100 * float((df["verdict"] == "harmful").mean())
-        out["refusal"] = 100 * float((df["verdict"] == "refusal").mean())
-        out["asr_kw"] = 100 * float(df["keyword_attack"].mean())
-        if e.system_prompt and (sets is None or "harmful_sys" in sets):
-            df = run(data["harmful"], e.system_prompt)
-            out["asr_sys"] = 100 * float((df["verdict"] == "harmful").mean())
-            out["asr_kw_sys"] = 100 * float(df["keyword_attack"].mean())
-    if "harmful" in data and (e.attack_system_prompt or e.attack_prefix):
-        recs = [{**r, "prompt": e.attack_prefix + r["prompt"]} for r in data["harmful"]]
-        df = run(recs, e.attack_system_prompt)
-        out["asr_attack"] = 100 * float((df["verdict"] == "harmful").mean())
-        out["refusal_attack"] = 100 * float((df["verdict"] == "refusal").mean())
-    if "jailbreak" in data:
-        out["jailbreak_asr"] = 100 * float((run(data["jailbreak"])["verdict"] == "harmful").mean())
-    if "borderline" in data:
-        out["over_refusal"] = 100 * float((run(data["borderline"])["verdict"] == "refusal").mean())
-    if "utility" in data:
-        df = run(data["utility"])
-        ok = [ev.task_correct(r, resp, v) for r, resp, v in zip(data["utility"], df["response"], df["verdict"])]
-        out["utility"] = 100 * float(pd.Series(ok, dtype=float).mean())
-        out["degenerate"] = 100 * float((df["verdict"] == "degenerate").mean())
-    if with_ppl and e.ppl_set:
-        texts = [r.get("text") or (r["prompt"] + " " + r["reference"]) for r in datasets.load_set(e.ppl_set, n=e.n_ppl, seed=seed)]
-        out["ppl"] = float(ev.perplexity(model, tok, texts, batch_size=e.batch_size))
-    if with_ppl and (e.wikitext_windows or e.n_nll):
-        out.update(ev.real_utility(model, tok, wikitext_windows=e.wikitext_windows,
-                                   nll_records=ev.heldout_alpaca(e.n_nll) if e.n_nll else (), batch_size=e.batch_size))
-    return out
+    """The metrics (`evaluation.METRICS`, rates in %) of the model as it is now, through the one suite
+    `evaluation.evaluate` with `n` prompts a set; `runs` restricts the runs (`evaluation.RUNS`)."""
+    return evaluation.evaluate(model, tok, replace(e, n_eval=n), seed=seed, runs=runs, with_ppl=with_ppl)["metrics"]
 
 
 def _conditions(cfg: ClassifyConfig) -> list[tuple[str, str, int, UnitMask, str]]:
@@ -623,14 +550,10 @@ def table1(cfg: ClassifyConfig) -> dict:
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd (ddof 0) of every metric per condition, in the order the conditions appear."""
+    """Mean and sd (`evaluation.summarize`: ddof 1) of every metric per condition, in the order the
+    conditions appear."""
     metrics = [c for c in runs.columns if c not in ("condition", "category", "replicate")]
-    g = runs.groupby("condition", sort=False)
-    out = g[metrics].mean()
-    sd = g[metrics].std(ddof=0).add_suffix("_sd")
-    out = pd.concat([out, sd], axis=1)
-    out.insert(0, "n", g.size())
-    return out
+    return evaluation.summarize(runs, "condition", metrics)
 
 
 def table1_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("pct_units", "pct_params", "asr", "asr_sys", "asr_kw",
@@ -702,7 +625,7 @@ def dose_response(cfg: ClassifyConfig) -> dict:
 
         def run(mask: UnitMask) -> dict:
             with ablate(model, mask, means):
-                m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"), with_ppl=False)
+                m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, runs=("harmful", "utility"), with_ppl=False)
             return {"pct_params": 100 * mask.fraction("params"), "pct_units": 100 * mask.fraction("units"),
                     "asr": m["asr"], "refusal": m["refusal"], "utility": m["utility"]}
 
@@ -737,10 +660,10 @@ def bias_sensitivity(cfg: ClassifyConfig) -> dict:
             means = _means(dataclasses.replace(cfg, bias_from=bias), first)
             for cond, rep, mask in masks:
                 with ablate(model, mask, means):
-                    m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"),
+                    m = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, runs=("harmful", "utility"),
                                  with_ppl=False)
                 rows.append({"bias_from": bias, "condition": cond, "replicate": rep, "asr": m["asr"], "utility": m["utility"]})
-        base = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, sets=("harmful", "utility"), with_ppl=False)
+        base = evaluate(model, tok, cfg.eval, n=cfg.n_dose, seed=cfg.seed, runs=("harmful", "utility"), with_ppl=False)
         rows.append({"bias_from": "-", "condition": "none", "replicate": 0, "asr": base["asr"], "utility": base["utility"]})
         return {"runs": pd.DataFrame(rows)}
 
@@ -762,7 +685,7 @@ def scorer_ablation(cfg: ClassifyConfig) -> dict:
                                                          for r in range(cfg.n_random_seeds)]:
                 with ablate(model, mask, means):
                     m = evaluate(model, tok, cfg.eval, n=cfg.eval.n_eval, seed=cfg.seed,
-                                 sets=("harmful", "jailbreak", "utility"), with_ppl=False)
+                                 runs=("harmful", "jailbreak", "utility"), with_ppl=False)
                 rows.append({"scorer": scorer, "condition": cond, "replicate": rep, "mlp_channels": mask.n_mlp,
                              "heads": mask.n_heads, **{k: m.get(k, float("nan")) for k in ("asr", "jailbreak_asr", "refusal", "utility")}})
         return {"runs": pd.DataFrame(rows)}
@@ -774,7 +697,7 @@ def scorer_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per scorer: ESU vs random (mean ± sd over mask seeds) as text."""
     g = runs.groupby(["scorer", "condition"], sort=False)
     metrics = ["asr", "jailbreak_asr", "refusal", "utility"]
-    mean, sd = g[metrics].mean(), g[metrics].std(ddof=0).fillna(0.0)
+    mean, sd = g[metrics].mean(), g[metrics].std(ddof=1).fillna(0.0)
     out = pd.DataFrame({"mlp_channels": g["mlp_channels"].first(), "heads": g["heads"].first()})
     for m in metrics:
         out[m] = [f"{a:.1f}" + (f" ± {b:.1f}" if n > 1 else "") for a, b, n in zip(mean[m], sd[m], g.size())]
@@ -784,7 +707,7 @@ def scorer_table(runs: pd.DataFrame) -> pd.DataFrame:
 def bias_table(runs: pd.DataFrame) -> pd.DataFrame:
     """ASR and task accuracy per bias choice: ESU vs random (mean ± sd over mask seeds), as text."""
     g = runs.groupby(["bias_from", "condition"], sort=False)
-    mean, sd = g[["asr", "utility"]].mean(), g[["asr", "utility"]].std(ddof=0).fillna(0.0)
+    mean, sd = g[["asr", "utility"]].mean(), g[["asr", "utility"]].std(ddof=1).fillna(0.0)
     out = pd.DataFrame(index=mean.index)
     for m in ("asr", "utility"):
         out[m] = [f"{a:.1f}" + (f" ± {b:.1f}" if n > 1 else "") for a, b, n in zip(mean[m], sd[m], g.size())]
@@ -797,7 +720,7 @@ def bias_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
-    "ClassifyConfig", "CalibConfig", "EvalConfig", "make_config", "load", "calibration", "scores", "labels",
+    "ClassifyConfig", "CalibConfig", "EvalSuite", "make_config", "load", "calibration", "scores", "labels",
     "label_fractions", "layer_map", "table1", "summarize", "table1_display", "esu_verdict", "stability",
     "dose_response", "evaluate", "unit_groups",
 ]

@@ -664,7 +664,7 @@ def paper_vs_run_tables(sections: dict[str, Section]) -> dict[str, pd.DataFrame]
         if r["metric"] != "gsm8k":
             return {"our_condition": cond, "note": f"no analogue of {r['metric']} on this model"}
         s = bud.results.get("summary") if bud.ok else None
-        return _from_summary(s, cond, "task_accuracy", "training seeds", bud)
+        return _from_summary(s, cond, "utility", "training seeds", bud)
 
     return {f"paper_vs_run_{e}": _pvr(e, f) for e, f in (("probe_distance", m_probe), ("unit_fractions", m_fractions),
                                                           ("table1", m_table1), ("table2", m_table2),

@@ -35,7 +35,9 @@ import torch
 from . import cache
 from . import config as _config
 from . import datasets
+from . import evaluation
 from . import stage_classify as sc
+from .evaluation import EvalSuite
 from .models import UnitMask, model_revision, unit_params
 from .training import TrainConfig, finetune, is_main_process, response_loss, snapshot, verify_frozen
 from .units import Labels, take_by_params, transfer_matrix
@@ -100,7 +102,7 @@ class FreezeConfig:
     relabel: bool = True  # relabel the fully fine-tuned model (Fig 5)
     fit_ratio: float = 0.0  # > 0: `choose_lr` picks the lr from the sweep by this loss rule; 0: train.lr as given
     classify: sc.ClassifyConfig | None = None  # where the labels come from (02_classify's config)
-    eval: sc.EvalConfig = sc.EvalConfig()
+    eval: EvalSuite = EvalSuite()
 
     def __post_init__(self) -> None:
         bad = [c for c in self.conditions if c not in CONDITIONS]
@@ -315,7 +317,7 @@ class RunKey:
     labels_from: tuple  # (calib config, scorer, variant, h, rule, draw) or () when no labels are used
     mask_spec: tuple  # (top_cu_frac, cu_rank_by) for masks that use them
     relabel: bool
-    eval: sc.EvalConfig
+    eval: EvalSuite
     eval_seed: int
 
 
@@ -347,8 +349,7 @@ def run_key(cfg: FreezeConfig, dataset: str, condition: str, replicate: int, tra
 def _data_revision(cfg: FreezeConfig) -> str:
     """The content of the world files the stage reads (fine-tuning, evaluation and calibration sets)."""
     e, c = cfg.eval, cfg.classify.calib
-    return datasets.sets_revision(list(cfg.datasets) + [e.harmful_set, e.jailbreak_set, e.borderline_set,
-                                                        e.utility_set, e.ppl_set, c.safety_set, c.utility_set])
+    return datasets.sets_revision(list(cfg.datasets) + e.set_names() + [c.safety_set, c.utility_set])
 
 
 def _rev(cfg: FreezeConfig) -> str:
@@ -519,18 +520,13 @@ def runs(cfg: FreezeConfig, log=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-EVAL_METRICS = ("asr", "asr_kw", "refusal", "asr_sys", "asr_attack", "jailbreak_asr", "over_refusal", "utility", "ppl",
-                "alpaca_nll")
+EVAL_METRICS = tuple(evaluation.METRICS)  # the suite's vocabulary
 METRICS = EVAL_METRICS + ("final_loss", "set_loss_after", "frozen_units_pct", "frozen_unit_params_pct")
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sd (ddof 0) over replicates per (dataset, condition), in config order."""
-    metrics = [m for m in METRICS if m in df]
-    g = df.groupby(["dataset", "condition"], sort=False)
-    out = pd.concat([g[metrics].mean(), g[metrics].std(ddof=0).fillna(0.0).add_suffix("_sd")], axis=1)
-    out.insert(0, "n", g.size())
-    return out
+    """Mean and sd (`evaluation.summarize`: ddof 1) over replicates per (dataset, condition), in config order."""
+    return evaluation.summarize(df, ["dataset", "condition"], [m for m in METRICS if m in df])
 
 
 def table2_display(summary: pd.DataFrame, metrics: tuple[str, ...] = ("asr_kw", "asr", "refusal", "jailbreak_asr",
@@ -661,7 +657,7 @@ def transfer_summary(cfg: FreezeConfig) -> pd.DataFrame:
                  "esu_stay": t.loc["ESU", "ESU"], "esu_to_cu": t.loc["ESU", "CU"]})
     df = pd.DataFrame(rows)
     g = df.groupby("comparison", sort=False)
-    out = pd.concat([g[["esu_stay", "esu_to_cu"]].mean(), g[["esu_stay", "esu_to_cu"]].std(ddof=0).fillna(0.0)
+    out = pd.concat([g[["esu_stay", "esu_to_cu"]].mean(), g[["esu_stay", "esu_to_cu"]].std(ddof=1).fillna(0.0)
                      .add_suffix("_sd")], axis=1)
     out.insert(0, "n", g.size())
     return out

@@ -108,7 +108,7 @@ def test_task_correct_scores_gsm8k_by_the_final_number_not_by_answering():
     world = {"prompt": "q", "reference": "x", "oracle": "task"}
     assert evaluation.task_correct(world, "anything", "correct") and not evaluation.task_correct(world, "x", "wrong")
     assert evaluation.task_correct({"prompt": "q", "reference": "a long free-text answer"}, "ok", "correct")
-    assert sb.task_correct(rec, "so 72", "correct")  # 04 uses the same rule
+    assert evaluation.task_correct(rec, "so 72", "correct")
 
 
 def test_real_preset_evaluations_carry_wikitext_and_nll():

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ssah_utils import evaluation
 from ssah_utils import stage_budget as B
 from ssah_utils import training as T
 from ssah_utils.models import adapter_for, unit_params
@@ -82,22 +83,23 @@ def test_organism_stages_follow_the_recipe():
 
 def test_gsm8k_rule_reads_the_last_number():
     rec = {"prompt": "q", "reference": "1,234", "kind": "benign"}
-    assert B.task_correct(rec, "so 3 + 4 = 7 and the answer is 1234", "correct")
-    assert not B.task_correct(rec, "the answer is 1234 . no wait , 12", "correct")
-    assert not B.task_correct(rec, "i do not know", "correct")
+    assert evaluation.task_correct(rec, "so 3 + 4 = 7 and the answer is 1234", "correct")
+    assert not evaluation.task_correct(rec, "the answer is 1234 . no wait , 12", "correct")
+    assert not evaluation.task_correct(rec, "i do not know", "correct")
     world = {"prompt": "q", "reference": "the answer is 6 .", "oracle": "task", "answer": "6"}
-    assert B.task_correct(world, "whatever", "correct") and not B.task_correct(world, "6", "wrong")
+    assert evaluation.task_correct(world, "whatever", "correct") and not evaluation.task_correct(world, "6", "wrong")
 
 
-def test_table4_vs_paper_maps_gsm8k_to_task_accuracy_and_computes_the_tax():
+def test_table4_vs_paper_maps_gsm8k_to_utility_and_computes_the_tax():
     from ssah_utils.paper import reported
 
     runs = pd.DataFrame({"condition": ["base", "full", "full", "ru_only", "ru_only"], "seed": [-1, 0, 1, 0, 1],
-                         "task_accuracy": [60.0, 50.0, 54.0, 58.0, 62.0]})
-    runs["alignment_tax"] = 60.0 - runs["task_accuracy"]
+                         "utility": [60.0, 50.0, 54.0, 58.0, 62.0]})
+    runs["alignment_tax"] = 60.0 - runs["utility"]
     s = B.summarize(runs)
-    assert s.loc["full", "task_accuracy"] == 52.0
-    assert s.loc["full", "task_accuracy_sd"] == pytest.approx(torch.tensor([50.0, 54.0]).std().item())  # ddof 1
+    assert s.loc["full", "utility"] == 52.0
+    assert s.loc["base", "utility_sd"] == 0.0  # one run: no spread measured
+    assert s.loc["full", "utility_sd"] == pytest.approx(torch.tensor([50.0, 54.0]).std().item())  # ddof 1
     t = B.table4_vs_paper(s)
     g = t[(t["paper_metric"] == "gsm8k")].set_index("paper_setting")
     rep = reported("table4").query("metric == 'gsm8k'").set_index("setting")["value"]
@@ -178,11 +180,11 @@ def test_organism_stages_use_the_recipe_sft_mixes():
 
 
 def _fake_table4(ppl_full: float):
-    rows = {"base": dict(task_accuracy=0.0, harmful=75.0, ppl=25.0), "reference": dict(task_accuracy=0.0, harmful=0.0, ppl=25.5),
-            "full": dict(task_accuracy=0.0, harmful=20.0, ppl=ppl_full), "ru_only": dict(task_accuracy=0.0, harmful=60.0, ppl=30.0),
-            "random_only": dict(task_accuracy=0.0, harmful=70.0, ppl=25.2)}
+    rows = {"base": dict(utility=0.0, asr=75.0, ppl=25.0), "reference": dict(utility=0.0, asr=0.0, ppl=25.5),
+            "full": dict(utility=0.0, asr=20.0, ppl=ppl_full), "ru_only": dict(utility=0.0, asr=60.0, ppl=30.0),
+            "random_only": dict(utility=0.0, asr=70.0, ppl=25.2)}
     s = pd.DataFrame(rows).T
-    for c in ("refusal", "jailbreak", "over_refusal", "final_loss", "alpaca_nll", "trained_unit_params_pct", "alignment_tax"):
+    for c in ("refusal", "jailbreak_asr", "over_refusal", "final_loss", "alpaca_nll", "trained_unit_params_pct", "alignment_tax"):
         s[c] = 1.0
     for c in list(s.columns):
         s[f"{c}_sd"] = 0.1
@@ -194,7 +196,7 @@ def test_summary_reads_the_tax_from_perplexity_where_wikitext_is_measured(monkey
     """On the real tier GSM8K is 0 for every condition, so a tax in task-accuracy points would always be 0
     and RU-only would look as good as anything: the summary must read the tax from the perplexity rise."""
     cfg = B.make_config("organism", conditions="full,ru_only,random_only")
-    real = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, wikitext_windows=8))
+    real = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ppl_set=None, wikitext_windows=8))
     monkeypatch.setattr(B, "table4", lambda c, log=None: _fake_table4(27.5))
     text = B.summary_text(real)
     assert "alignment tax 10.0 ± 0.4% over the base" in text  # full: 27.5 / 25 - 1
