@@ -7,6 +7,11 @@ For every CSV present in both folders (optionally only names starting with one o
 columns and rows, the text columns equal (labels, verdicts), and the largest absolute difference of the
 numeric columns. Prints a Markdown table (`--out` writes it to a file too). Tables in only one folder are
 listed. Exit status 1 when shapes, columns or text differ, or a numeric difference exceeds `--atol` (when given).
+
+`--rename OLD=NEW ...` renames columns of the committed tables first; `--suite-names` renames those of 04's tables
+executed before the one evaluation suite (task_accuracy -> utility, howto_accuracy -> howto_utility, harmful ->
+asr, jailbreak -> jailbreak_asr). Their sd columns then still differ where the old stage printed the population
+sd (02 and 03 before the suite: ddof 0; now ddof 1 everywhere).
 """
 
 from __future__ import annotations
@@ -19,8 +24,14 @@ import numpy as np
 import pandas as pd
 
 
-def compare(old: Path, new: Path) -> dict:
-    a, b = pd.read_csv(old), pd.read_csv(new)
+# 04's column names before the one evaluation suite (ssah_utils.evaluation.METRICS), and their sd columns.
+SUITE_RENAMES = {old: new for o, n in {"task_accuracy": "utility", "howto_accuracy": "howto_utility", "harmful": "asr",
+                                       "jailbreak": "jailbreak_asr"}.items()
+                 for old, new in ((o, n), (f"{o}_sd", f"{n}_sd"))}
+
+
+def compare(old: Path, new: Path, renames: dict[str, str] | None = None) -> dict:
+    a, b = pd.read_csv(old).rename(columns=renames or {}), pd.read_csv(new)
     row = {"table": old.name, "rows": len(a), "same_shape": a.shape == b.shape and list(a.columns) == list(b.columns)}
     if not row["same_shape"]:
         return {**row, "text_equal": False, "max_abs_diff": float("nan"), "worst_column": ""}
@@ -46,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", nargs="*", default=[], help="compare only tables whose names start with these")
     ap.add_argument("--atol", type=float, default=None, help="largest numeric difference that passes")
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
+    ap.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="rename columns of the committed tables")
+    ap.add_argument("--suite-names", action="store_true",
+                    help="rename 04's pre-suite columns of the committed tables to the suite's (SUITE_RENAMES)")
     a = ap.parse_args(argv)
+    bad = [r for r in a.rename if r.count("=") != 1 or not all(r.split("="))]
+    if bad:
+        raise SystemExit(f"--rename takes OLD=NEW pairs, got {bad}")
+    renames = {**(SUITE_RENAMES if a.suite_names else {}), **dict(r.split("=") for r in a.rename)}
     for d in (a.old, a.new):
         if not d.is_dir():
             raise SystemExit(f"{d} is not a folder of tables")
@@ -57,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     old, new = pick(a.old), pick(a.new)
     if not old.keys() & new.keys():
         raise SystemExit(f"no table is in both {a.old} and {a.new}" + (f" with prefix {a.prefix}" if a.prefix else ""))
-    rows = [compare(old[n], new[n]) for n in sorted(old.keys() & new.keys())]
+    rows = [compare(old[n], new[n], renames) for n in sorted(old.keys() & new.keys())]
     lines = [f"Tables of `{a.new}` against `{a.old}` (`scripts/compare_tables.py`)", "",
              "| table | rows | same columns and rows | text columns equal | max abs diff (numeric) | in column |",
              "|---|---|---|---|---|---|"]

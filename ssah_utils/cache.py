@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed
 from safetensors.torch import load_file, save_file
 
 from . import config as _config
+from .distributed import is_main_process
 
 CACHE_FORMAT = 2  # bump when the on-disk layout changes (2: no pickle, checksums, code version in the key)
 _MANIFEST = "manifest.json"
@@ -476,14 +476,6 @@ def load_cached(stage: str, config: Any, model_revision: str = "", cache_dir: Pa
         return None
 
 
-def _is_follower() -> bool:
-    """A process of a torch.distributed group other than rank 0 (`scripts/train_stage.py` on N processes): it
-    reads the cache and computes what the group computes together, but never writes an entry (one writer, and
-    a follower's results may be partial: only rank 0 evaluates). The cache folder is the group's shared disk."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
-
-
 def cached(
     stage: str,
     config: Any,
@@ -501,7 +493,9 @@ def cached(
     numpy arrays and ssah_utils dataclasses). `code` is the code version in the key; None = the version
     of the module that defines `compute` when it is a module of this package (`code_version`), else ''.
     `refresh=True` recomputes and overwrites the entry. A corrupt entry is reported (with its path) and
-    recomputed. On a process of a distributed group other than rank 0 nothing is written (`_is_follower`).
+    recomputed. On a process of a distributed group other than rank 0 nothing is written (`is_main_process`:
+    one writer, and a follower's results may be partial, only rank 0 evaluates; the cache folder is the
+    group's shared disk).
     Inside `read_only()` a miss raises `CacheMiss` (a corrupt entry `CacheCorrupt`) and
     `compute` is never called.
     """
@@ -534,7 +528,7 @@ def cached(
     seconds = time.perf_counter() - t0
     if not isinstance(result, dict) or not all(isinstance(k, str) for k in result):
         raise TypeError(f"compute() for stage {stage!r} must return a dict with str keys, got {type(result).__name__}")
-    if _is_follower():  # rank 0 of the process group writes the entry; the others only took their part in it
+    if not is_main_process():  # rank 0 of the process group writes the entry; the others only took their part in it
         return result
     bad = [k for k in result if not k or Path(k).name != k or k.startswith(".") or k in ("config", "manifest")]
     if bad:

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .distributed import is_main_process, process_rank
 from .models import KV_RULES, FamilyAdapter, UnitMask, adapter_for
 from .generation import STYLES
 from .generation import encode_pairs
@@ -252,19 +253,6 @@ def parallel_engine(parallel: str) -> Iterator[None]:
         yield
     finally:
         _ENGINE["parallel"] = old
-
-
-def process_rank() -> int:
-    """This process's rank in the torch.distributed process group (0 without one)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a process group, and in a process without one: the process that evaluates and writes
-    results (the cache); the others take their part in training only."""
-    return process_rank() == 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -28,3 +28,17 @@ def test_reproduced_tables_pass_and_changed_ones_fail(tmp_path, capsys):
     assert main([str(old), str(new)]) == 1  # a label changed
     pd.DataFrame({"model": ["a"], "asr": [1.0]}).to_csv(new / "t.csv", index=False)
     assert main([str(old), str(new)]) == 1  # a row is missing
+
+
+def test_committed_tables_from_before_the_suite_compare_under_its_names(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    pd.DataFrame({"condition": ["full"], "task_accuracy": [50.0], "task_accuracy_sd": [1.0], "harmful": [3.0]}).to_csv(
+        old / "table4_budget.csv", index=False)
+    pd.DataFrame({"condition": ["full"], "utility": [50.0], "utility_sd": [1.0], "asr": [3.0]}).to_csv(
+        new / "table4_budget.csv", index=False)
+    main = _main()
+    assert main([str(old), str(new)]) == 1  # the names differ
+    assert main([str(old), str(new), "--suite-names"]) == 0
+    assert main([str(old), str(new), "--rename", "task_accuracy=utility", "task_accuracy_sd=utility_sd",
+                 "harmful=asr"]) == 0

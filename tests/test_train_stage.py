@@ -72,12 +72,12 @@ class _Key:
 
 def test_follower_processes_never_write_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(cache, "_is_follower", lambda: True)
+    monkeypatch.setattr(cache, "is_main_process", lambda: False)
     assert cache.cached("probe", _Key(), lambda: {"x": 1}, code="") == {"x": 1}
     assert not any(tmp_path.rglob("manifest.json"))
     with cache.read_only(), pytest.raises(cache.CacheMiss):
         cache.cached("probe", _Key(), lambda: {"x": 1}, code="")
-    monkeypatch.setattr(cache, "_is_follower", lambda: False)  # rank 0 (or no group) writes it
+    monkeypatch.setattr(cache, "is_main_process", lambda: True)  # rank 0 (or no group) writes it
     cache.cached("probe", _Key(), lambda: {"x": 1}, code="")
     assert len(list(tmp_path.rglob("manifest.json"))) == 1
 
