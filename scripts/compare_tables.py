@@ -12,6 +12,10 @@ listed. Exit status 1 when shapes, columns or text differ, or a numeric differen
 executed before the one evaluation suite (task_accuracy -> utility, howto_accuracy -> howto_utility, harmful ->
 asr, jailbreak -> jailbreak_asr). Their sd columns then still differ where the old stage printed the population
 sd (02 and 03 before the suite: ddof 0; now ddof 1 everywhere).
+
+`--keys COL ...` compares a rerun that holds a subset of the committed rows or columns (e.g. 03 with one attack
+set of the two committed): rows are matched on the key columns, only rows and columns present in both are
+compared, and the report says how many rows were matched.
 """
 
 from __future__ import annotations
@@ -30,8 +34,21 @@ SUITE_RENAMES = {old: new for o, n in {"task_accuracy": "utility", "howto_accura
                  for old, new in ((o, n), (f"{o}_sd", f"{n}_sd"))}
 
 
-def compare(old: Path, new: Path, renames: dict[str, str] | None = None) -> dict:
+def _common(a: pd.DataFrame, b: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows of `a` and `b` whose key columns agree (in `b`'s order) and the columns both have."""
+    missing = [k for k in keys if k not in a.columns or k not in b.columns]
+    if missing:
+        raise ValueError(f"key columns {missing} are not in both tables")
+    cols = [c for c in b.columns if c in a.columns]
+    ia, ib = a.set_index(keys), b.set_index(keys)
+    common = [k for k in ib.index if k in ia.index]
+    return (ia.loc[common].reset_index()[cols], ib.loc[common].reset_index()[cols])
+
+
+def compare(old: Path, new: Path, renames: dict[str, str] | None = None, keys: list[str] | None = None) -> dict:
     a, b = pd.read_csv(old).rename(columns=renames or {}), pd.read_csv(new)
+    if keys:
+        a, b = _common(a, b, keys)
     row = {"table": old.name, "rows": len(a), "same_shape": a.shape == b.shape and list(a.columns) == list(b.columns)}
     if not row["same_shape"]:
         return {**row, "text_equal": False, "max_abs_diff": float("nan"), "worst_column": ""}
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atol", type=float, default=None, help="largest numeric difference that passes")
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     ap.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="rename columns of the committed tables")
+    ap.add_argument("--keys", nargs="*", default=[], help="match rows on these columns; compare common rows and columns")
     ap.add_argument("--suite-names", action="store_true",
                     help="rename 04's pre-suite columns of the committed tables to the suite's (SUITE_RENAMES)")
     a = ap.parse_args(argv)
@@ -75,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     old, new = pick(a.old), pick(a.new)
     if not old.keys() & new.keys():
         raise SystemExit(f"no table is in both {a.old} and {a.new}" + (f" with prefix {a.prefix}" if a.prefix else ""))
-    rows = [compare(old[n], new[n], renames) for n in sorted(old.keys() & new.keys())]
+    rows = [compare(old[n], new[n], renames, a.keys) for n in sorted(old.keys() & new.keys())]
     lines = [f"Tables of `{a.new}` against `{a.old}` (`scripts/compare_tables.py`)", "",
              "| table | rows | same columns and rows | text columns equal | max abs diff (numeric) | in column |",
              "|---|---|---|---|---|---|"]

@@ -42,3 +42,17 @@ def test_committed_tables_from_before_the_suite_compare_under_its_names(tmp_path
     assert main([str(old), str(new), "--suite-names"]) == 0
     assert main([str(old), str(new), "--rename", "task_accuracy=utility", "task_accuracy_sd=utility_sd",
                  "harmful=asr"]) == 0
+
+
+def test_a_rerun_with_a_subset_of_the_rows_compares_on_its_keys(tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    pd.DataFrame({"dataset": ["alpaca", "alpaca", "harmful_10"], "condition": ["before", "full", "full"],
+                  "asr": [3.1, 17.2, 75.0], "extra": [1, 2, 3]}).to_csv(old / "table2_freeze.csv", index=False)
+    pd.DataFrame({"dataset": ["alpaca", "alpaca"], "condition": ["before", "full"], "asr": [3.1, 17.25]}).to_csv(
+        new / "table2_freeze.csv", index=False)
+    main = _main()
+    assert main([str(old), str(new)]) == 1  # a row and a column fewer
+    assert main([str(old), str(new), "--keys", "dataset", "condition", "--atol", "0.1"]) == 0
+    assert "| table2_freeze.csv | 2 | yes | yes | 0.05 | asr |" in capsys.readouterr().out
+    assert main([str(old), str(new), "--keys", "dataset", "condition", "--atol", "0.01"]) == 1
