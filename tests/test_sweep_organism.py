@@ -35,7 +35,7 @@ def test_tiny_sweep_then_report(tmp_path):
     assert sw.main(["--out", str(tmp_path), "--variant", f"tiny:{TINY},instruct_replay=1"]) == 0
     table = pd.read_csv(tmp_path / "sweep.csv")
     assert list(table["model"]) == ["base", "unaligned", "aligned"] and set(table["variant"]) == {"tiny"}
-    assert table["spec"].iloc[0].startswith("tiny:") and table["harmful_compliance"].between(0, 1).all()
+    assert table["spec"].iloc[0].startswith("tiny:") and table["asr"].between(0, 100).all()
     assert sw.main(["--out", str(tmp_path), "--report"]) == 0
     report = (tmp_path / "REPORT.md").read_text()
     assert "| tiny | 1 |" in report and "instruct_replay=1" in report
