@@ -21,6 +21,7 @@ compared, and the report says how many rows were matched.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from pathlib import Path
 
@@ -41,12 +42,18 @@ def _common(a: pd.DataFrame, b: pd.DataFrame, keys: list[str]) -> tuple[pd.DataF
         raise ValueError(f"key columns {missing} are not in both tables")
     cols = [c for c in b.columns if c in a.columns]
     ia, ib = a.set_index(keys), b.set_index(keys)
+    if ia.index.has_duplicates or ib.index.has_duplicates:
+        raise ValueError(f"the key columns {keys} do not identify one row each; add the columns that tell rows apart")
     common = [k for k in ib.index if k in ia.index]
     return (ia.loc[common].reset_index()[cols], ib.loc[common].reset_index()[cols])
 
 
-def compare(old: Path, new: Path, renames: dict[str, str] | None = None, keys: list[str] | None = None) -> dict:
+def compare(old: Path, new: Path, renames: dict[str, str] | None = None, keys: list[str] | None = None,
+            skip: list[str] | None = None) -> dict:
     a, b = pd.read_csv(old).rename(columns=renames or {}), pd.read_csv(new)
+    if skip:  # columns left out of the comparison (fnmatch patterns, e.g. '*_sd')
+        a = a[[c for c in a.columns if not any(fnmatch.fnmatch(c, p) for p in skip)]]
+        b = b[[c for c in b.columns if not any(fnmatch.fnmatch(c, p) for p in skip)]]
     if keys:
         a, b = _common(a, b, keys)
     row = {"table": old.name, "rows": len(a), "same_shape": a.shape == b.shape and list(a.columns) == list(b.columns)}
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     ap.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="rename columns of the committed tables")
     ap.add_argument("--keys", nargs="*", default=[], help="match rows on these columns; compare common rows and columns")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="PATTERN",
+                    help="leave out columns matching these fnmatch patterns (e.g. '*_sd' across the sd convention change)")
     ap.add_argument("--suite-names", action="store_true",
                     help="rename 04's pre-suite columns of the committed tables to the suite's (SUITE_RENAMES)")
     a = ap.parse_args(argv)
@@ -93,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     old, new = pick(a.old), pick(a.new)
     if not old.keys() & new.keys():
         raise SystemExit(f"no table is in both {a.old} and {a.new}" + (f" with prefix {a.prefix}" if a.prefix else ""))
-    rows = [compare(old[n], new[n], renames, a.keys) for n in sorted(old.keys() & new.keys())]
+    rows = []
+    for n in sorted(old.keys() & new.keys()):
+        try:
+            rows.append(compare(old[n], new[n], renames, a.keys, a.skip))
+        except ValueError as err:  # a table without the key columns: say which, before printing anything
+            raise SystemExit(f"{n}: {err} (compare it alone with --prefix, or without --keys)") from None
     lines = [f"Tables of `{a.new}` against `{a.old}` (`scripts/compare_tables.py`)", "",
              "| table | rows | same columns and rows | text columns equal | max abs diff (numeric) | in column |",
              "|---|---|---|---|---|---|"]

@@ -56,3 +56,13 @@ def test_a_rerun_with_a_subset_of_the_rows_compares_on_its_keys(tmp_path, capsys
     assert main([str(old), str(new), "--keys", "dataset", "condition", "--atol", "0.1"]) == 0
     assert "| table2_freeze.csv | 2 | yes | yes | 0.05 | asr |" in capsys.readouterr().out
     assert main([str(old), str(new), "--keys", "dataset", "condition", "--atol", "0.01"]) == 1
+
+
+def test_skipped_columns_are_left_out(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    pd.DataFrame({"c": ["a"], "asr": [1.0], "asr_sd": [1.0]}).to_csv(old / "t.csv", index=False)
+    pd.DataFrame({"c": ["a"], "asr": [1.0], "asr_sd": [1.41]}).to_csv(new / "t.csv", index=False)
+    main = _main()
+    assert main([str(old), str(new), "--atol", "1e-9"]) == 1
+    assert main([str(old), str(new), "--atol", "1e-9", "--skip", "*_sd"]) == 0
