@@ -8,9 +8,9 @@ columns and rows, the text columns equal (labels, verdicts), and the largest abs
 numeric columns. Prints a Markdown table (`--out` writes it to a file too). Tables in only one folder are
 listed. Exit status 1 when shapes, columns or text differ, or a numeric difference exceeds `--atol` (when given).
 
-`--rename OLD=NEW ...` renames columns of the committed tables first; `--suite-names` renames those of 04's tables
-executed before the one evaluation suite (task_accuracy -> utility, howto_accuracy -> howto_utility, harmful ->
-asr, jailbreak -> jailbreak_asr). Their sd columns then still differ where the old stage printed the population
+`--rename OLD=NEW ...` renames columns of the committed tables first; `--suite-names` renames those of tables
+executed before the one evaluation suite (`ssah_utils.evaluation.LEGACY_NAMES`: 04's task_accuracy -> utility,
+howto_accuracy -> howto_utility, harmful -> asr, jailbreak -> jailbreak_asr, and the organism cards' names). Their sd columns then still differ where the old stage printed the population
 sd (02 and 03 before the suite: ddof 0; now ddof 1 everywhere).
 
 `--keys COL ...` compares a rerun that holds a subset of the committed rows or columns (e.g. 03 with one attack
@@ -29,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 
-# 04's column names before the one evaluation suite (ssah_utils.evaluation.METRICS), and their sd columns.
-SUITE_RENAMES = {old: new for o, n in {"task_accuracy": "utility", "howto_accuracy": "howto_utility", "harmful": "asr",
-                                       "jailbreak": "jailbreak_asr"}.items()
-                 for old, new in ((o, n), (f"{o}_sd", f"{n}_sd"))}
+def _suite_renames() -> dict[str, str]:
+    """`ssah_utils.evaluation.LEGACY_NAMES` and their sd columns (imported only when asked: the package loads torch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from ssah_utils.evaluation import LEGACY_NAMES
+
+    return {old: new for o, n in LEGACY_NAMES.items() for old, new in ((o, n), (f"{o}_sd", f"{n}_sd"))}
 
 
 def _common(a: pd.DataFrame, b: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], metavar="PATTERN",
                     help="leave out columns matching these fnmatch patterns (e.g. '*_sd' across the sd convention change)")
     ap.add_argument("--suite-names", action="store_true",
-                    help="rename 04's pre-suite columns of the committed tables to the suite's (SUITE_RENAMES)")
+                    help="rename pre-suite columns of the committed tables to the suite's (evaluation.LEGACY_NAMES)")
     a = ap.parse_args(argv)
     bad = [r for r in a.rename if r.count("=") != 1 or not all(r.split("="))]
     if bad:
         raise SystemExit(f"--rename takes OLD=NEW pairs, got {bad}")
-    renames = {**(SUITE_RENAMES if a.suite_names else {}), **dict(r.split("=") for r in a.rename)}
+    renames = {**(_suite_renames() if a.suite_names else {}), **dict(r.split("=") for r in a.rename)}
     for d in (a.old, a.new):
         if not d.is_dir():
             raise SystemExit(f"{d} is not a folder of tables")

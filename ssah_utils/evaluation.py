@@ -230,6 +230,15 @@ METRICS: dict[str, str] = {
     "ppl": "held-out perplexity (ppl_set, or WikiText-2 test windows on a real tier)",
     "alpaca_nll": "mean token NLL of held-out Alpaca answers (nats)",
 }
+# The names tables and summaries used before the one suite, and theirs in it: 04's Table 4 columns and the
+# organism's card summaries (those in fractions; `organism.upgrade_summary` scales them). For reading old
+# files only (`organism.upgrade_summary`, `scripts/compare_tables.py --suite-names`).
+LEGACY_NAMES: dict[str, str] = {
+    "task_accuracy": "utility", "howto_accuracy": "howto_utility", "harmful": "asr", "jailbreak": "jailbreak_asr",
+    "harmful_compliance": "asr", "harmful_refusal": "refusal", "heldout_compliance": "heldout_asr",
+    "keyword_asr": "asr_kw", "borderline_refusal": "over_refusal", "borderline_accuracy": "borderline_utility",
+    "ppl_heldout": "ppl", **{f"jb_{f}": f"jailbreak_asr_{f}" for f in _world.FRAMINGS},
+}
 # Roles with a prompt set, and the runs of the harmful set under a system prompt or an attack.
 ROLES = ("harmful", "heldout", "jailbreak", "borderline", "utility", "howto")
 RUNS = ROLES[:1] + ("harmful_sys", "harmful_attack") + ROLES[1:]

@@ -20,7 +20,7 @@ import torch
 
 from . import world as _world
 from .config import ORGANISM_SYSTEM_PROMPT
-from .evaluation import EvalSuite, evaluate
+from .evaluation import LEGACY_NAMES, EvalSuite, evaluate
 from .training import TrainConfig, finetune
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
@@ -380,16 +380,11 @@ EVAL_PLAN = {
     "unaligned": ("chat", False),
     "aligned": ("chat", False),
 }
-EVAL_SETS = ("harmful_test", "harmful_heldout", "jailbreak_test", "borderline_test", "benign_howto_test",
-             "utility_test")
-
-
 # The suite of the model cards: every test set of the world in its role, whole, jailbreaks per framing.
 CARD_SUITE = EvalSuite(harmful_set="harmful_test", heldout_set="harmful_heldout", jailbreak_set="jailbreak_test",
                        borderline_set="borderline_test", utility_set="utility_test", howto_set="benign_howto_test",
                        ppl_set="ppl_heldout", n_eval=None, n_ppl=None, per_framing=True)
-_CARD_ROLES = {"harmful": "harmful_test", "heldout": "harmful_heldout", "jailbreak": "jailbreak_test",
-               "borderline": "borderline_test", "utility": "utility_test", "howto": "benign_howto_test"}
+EVAL_SETS = tuple(CARD_SUITE.sets().values())  # the world's test sets the cards are measured on
 
 
 def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample: int | None = None,
@@ -410,8 +405,8 @@ def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample
     def take(rs):
         return rs[:: max(1, len(rs) // sample)][:sample] if sample else rs
 
-    records = {role: take(sets[name]) for role, name in _CARD_ROLES.items()}
-    records["ppl"] = sets["ppl_heldout"][: sample or len(sets["ppl_heldout"])]
+    records = {role: take(sets[name]) for role, name in CARD_SUITE.sets().items()}
+    records["ppl"] = sets[CARD_SUITE.ppl_set][: sample or len(sets[CARD_SUITE.ppl_set])]
     rows, summary = [], []
     for m in MODEL_NAMES:
         t0 = time.perf_counter()
@@ -422,7 +417,6 @@ def evaluate_organism(model_dir: str | Path, *, sets: dict | None = None, sample
         res = evaluate(model, tok, CARD_SUITE, seed=0, style=style, records=records)
         df = res["rows"]
         df.insert(0, "model", m)
-        df["set"] = df["role"].map(_CARD_ROLES)
         rows.append(df)
         summary.append({"model": m, **res["metrics"]})
         if log:
@@ -469,23 +463,16 @@ SUMMARY_COLUMNS = [  # (metric of `evaluation.METRICS`, what it is here)
 ]
 
 
-# Summaries written before the one evaluation suite (sweeps under docs/organism_experiments/, seeds
-# reports): their column names, rates as fractions. `upgrade_summary` reads them in today's vocabulary.
-LEGACY_NAMES = {"harmful_compliance": "asr", "harmful_refusal": "refusal", "heldout_compliance": "heldout_asr",
-                "keyword_asr": "asr_kw", "task_accuracy": "utility", "howto_accuracy": "howto_utility",
-                "benign_refusal": "benign_refusal", "borderline_refusal": "over_refusal",
-                "borderline_accuracy": "borderline_utility", "degenerate": "degenerate", "ppl_heldout": "ppl",
-                **{f"jb_{f}": f"jailbreak_asr_{f}" for f in _world.FRAMINGS}}
-
-
 def upgrade_summary(df):
     """A behaviour summary in the suite's vocabulary (`evaluation.METRICS`, rates in %): one written
-    before it (columns of `LEGACY_NAMES`, rates as fractions) is renamed and its rates scaled by 100;
-    a current one is returned as it is."""
+    before it (sweeps under docs/organism_experiments/, seeds reports: the card names of
+    `evaluation.LEGACY_NAMES`, rates as fractions) is renamed and its rates scaled by 100; a current one is
+    returned as it is."""
     if "harmful_compliance" not in df.columns:
         return df
     out = df.rename(columns=LEGACY_NAMES)
-    rates = [v for k, v in LEGACY_NAMES.items() if v in out.columns and k != "ppl_heldout"]
+    kept = ("benign_refusal", "degenerate")  # rates whose names did not change
+    rates = [LEGACY_NAMES.get(c, c) for c in df.columns if (c in LEGACY_NAMES and c != "ppl_heldout") or c in kept]
     out[rates] = 100 * out[rates]
     return out
 

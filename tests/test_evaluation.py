@@ -155,8 +155,9 @@ def test_legacy_summaries_are_read_in_the_suite_vocabulary():
     from ssah_utils import organism
 
     old = pd.DataFrame({"model": ["aligned"], "harmful_compliance": [0.05], "task_accuracy": [0.9],
-                        "jb_prefilling": [0.5], "ppl_heldout": [4.2]})
+                        "jb_prefilling": [0.5], "benign_refusal": [0.01], "ppl_heldout": [4.2]})
     new = organism.upgrade_summary(old)
-    assert list(new.columns) == ["model", "asr", "utility", "jailbreak_asr_prefilling", "ppl"]
+    assert list(new.columns) == ["model", "asr", "utility", "jailbreak_asr_prefilling", "benign_refusal", "ppl"]
     assert new.loc[0, "asr"] == pytest.approx(5.0) and new.loc[0, "ppl"] == 4.2
+    assert new.loc[0, "benign_refusal"] == pytest.approx(1.0)  # a rate whose name stayed is scaled too
     assert organism.upgrade_summary(new) is new
